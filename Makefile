@@ -1,0 +1,34 @@
+# qsweep: `make demo` sets up a venv and runs the default quick-start sweep; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; pip would otherwise pull a multi-GB CUDA build on a machine without a GPU.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test lint ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/qsweep run -m +sweep=quickstart
+	@echo
+	@echo "Review the runs:  $(BIN)/qsweep ui    (or: $(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db)"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+ui: setup
+	$(BIN)/qsweep ui
+
+clean:
+	rm -rf outputs/* multirun

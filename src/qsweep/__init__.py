@@ -1,0 +1,1 @@
+"""qsweep: an experiment-tracking sweep harness for torchao quantization."""

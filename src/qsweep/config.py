@@ -1,0 +1,167 @@
+"""Config schemas (registered in Hydra's ConfigStore), composition and validation.
+
+Every user mistake becomes a `ConfigError` with one line naming the valid choices; the CLI prints it
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config or on the command line."""
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = Path(os.environ.get("QSWEEP_CONF_DIR", PROJECT_ROOT / "conf"))
+GROUPS = ("model", "scheme", "granularity", "compile", "bench", "eval", "tracking", "search", "select", "sweep")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TIMINGS = ("auto", "device", "e2e")
+
+
+@dataclass
+class ModelConf:
+    name: str = MISSING
+    builder: dict[str, Any] = MISSING  # {_target_: qsweep.models.<fn>, **kwargs}
+    dtype: str | None = None  # a model may insist on a dtype (LMs: bfloat16); null = top-level dtype
+    quantize_filter: str | None = None  # regex on layer names that may be quantized; null = all Linear
+
+
+@dataclass
+class RequiresConf:
+    cuda: bool = False
+    min_sm: float | None = None  # CUDA compute capability, e.g. 8.9 for float8
+    dtypes: list[str] | None = None
+    cuda_min_batch: int | None = None  # kernels with a minimum row count on CUDA
+
+
+@dataclass
+class SchemeConf:
+    name: str = MISSING
+    config: dict[str, Any] | None = None  # {_target_: torchao config class, **kwargs}; null = baseline
+    granularity_arg: str | None = None  # kwarg receiving the torchao granularity object
+    group_size_arg: str | None = None  # kwarg receiving the integer group size (int4 kernels)
+    granularities: list[str] = field(default_factory=list)  # accepted; empty = fixed by the scheme
+    group_sizes: list[int] | None = None  # accepted group sizes where the kernel limits them
+    bits: int | None = None
+    requires: RequiresConf = field(default_factory=RequiresConf)
+
+
+@dataclass
+class GranularityConf:
+    name: str = MISSING
+    spec: dict[str, Any] = MISSING  # {_target_: torchao.quantization.PerRow, ...}
+
+
+@dataclass
+class CompileConf:
+    name: str = "none"
+    mode: str | None = None  # torch.compile mode; null = eager
+
+
+@dataclass
+class BenchConf:
+    batch_size: int = 16
+    warmup: int = 5
+    repeats: int = 30
+    timing: str = "auto"  # device: CUDA graphs, no launch overhead | e2e: as a user calls it | auto
+    l2_flush: bool = False
+    max_cv: float = 0.10  # a run noisier than this is flagged
+    timeout_s: float = 900.0
+    decode_tokens: int = 32  # LMs: decode steps timed per repeat
+
+
+@dataclass
+class EvalConf:
+    n_samples: int = 256
+    batch_size: int = 64
+    seq_len: int = 128
+    text: str = "builtin"  # LMs: builtin | a local text file | hf:<dataset>[:<config>[:<split>]]
+    seed: int = 0
+
+
+@dataclass
+class TrackingConf:
+    uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+    experiment: str = "qsweep"
+
+
+@dataclass
+class RootConf:
+    model: ModelConf = MISSING
+    scheme: SchemeConf = MISSING
+    granularity: GranularityConf = MISSING
+    compile: CompileConf = MISSING
+    bench: BenchConf = field(default_factory=BenchConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
+    search: dict[str, Any] = field(default_factory=dict)
+    select: dict[str, Any] = field(default_factory=dict)
+    group_size: int = 128
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    output_dir: str = "outputs"
+    force: bool = False  # re-run points already finished
+    isolate: bool = True  # each trial in its own child process
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="qsweep_schema", node=RootConf)
+
+
+register_schema()
+
+
+def choices(group: str) -> list[str]:
+    """The config names available in one group (conf/<group>/*.yaml)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def to_root(cfg: DictConfig) -> RootConf:
+    """Turn a composed config into checked dataclasses; raise ConfigError on any bad value."""
+    try:
+        root: RootConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except Exception as err:  # OmegaConf's messages are multi-line; keep the first
+        raise ConfigError(_first_line(err)) from None
+    _check(root.device in DEVICES, f"device={root.device!r} is invalid; valid: {', '.join(DEVICES)}")
+    _check(root.dtype in DTYPES, f"dtype={root.dtype!r} is invalid; valid: {', '.join(DTYPES)}")
+    _check(root.bench.timing in TIMINGS, f"bench.timing={root.bench.timing!r} is invalid; valid: {', '.join(TIMINGS)}")
+    gs = root.group_size
+    _check(isinstance(gs, int) and gs > 0 and gs & (gs - 1) == 0,
+           f"group_size={gs} is invalid; torchao needs a positive power of two, e.g. 32, 64, 128, 256")
+    bits = root.scheme.bits
+    _check(bits is None or 1 <= bits <= 8, f"scheme.bits={bits} is invalid; valid: 1, 2, 3, 4, 5, 6, 7, 8")
+    _check(root.bench.repeats >= 3 and root.bench.warmup >= 0,
+           "bench.repeats must be >= 3 (a median needs repeats) and bench.warmup >= 0")
+    for name, value in (("bench.batch_size", root.bench.batch_size), ("eval.n_samples", root.eval.n_samples),
+                        ("eval.batch_size", root.eval.batch_size)):
+        _check(value > 0, f"{name}={value} is invalid; it must be a positive integer")
+    return root
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def mlflow_uri(root: RootConf) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else SQLite under output_dir."""
+    if root.tracking.uri:
+        return root.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(root.output_dir).resolve() / 'mlflow.db'}"

@@ -1,0 +1,63 @@
+"""The one metric schema: names, units and direction, used by the runner, MLflow, reports and selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    unit: str
+    higher_is_better: bool | None  # None: informational, no better direction
+    doc: str
+
+
+METRICS: tuple[Metric, ...] = (
+    # size
+    Metric("size_bytes", "bytes", False, "quantized state_dict saved with torch.save, bytes on disk"),
+    Metric("size_ratio", "x", True, "baseline size_bytes / trial size_bytes"),
+    # memory
+    Metric("weights_mem_bytes", "bytes", False, "device memory held by the model's parameters and buffers"),
+    Metric("peak_mem_bytes", "bytes", False,
+           "CUDA: max_memory_allocated during inference after a reset; CPU: peak RSS growth during inference"),
+    Metric("peak_mem_reserved_bytes", "bytes", False, "CUDA: max_memory_reserved during inference (absent on CPU)"),
+    # speed
+    Metric("latency_ms", "ms", False, "median latency of one forward pass over the repeats, after warm-up"),
+    Metric("latency_ms_p10", "ms", False, "10th percentile latency"),
+    Metric("latency_ms_p90", "ms", False, "90th percentile latency"),
+    Metric("latency_cv", "ratio", False, "coefficient of variation (std/mean) of the repeats: the noise figure"),
+    Metric("throughput", "samples/s", True, "batch_size / latency"),
+    Metric("speedup", "x", True, "baseline latency_ms / trial latency_ms, same compile mode and batch"),
+    Metric("compile_s", "s", False, "time of the first (compiling) calls; 0 without torch.compile"),
+    Metric("quantize_s", "s", False, "time spent in torchao quantize_"),
+    # language models (tokens/s)
+    Metric("prefill_tok_s", "tokens/s", True, "LM prefill throughput at the eval sequence length"),
+    Metric("decode_tok_s", "tokens/s", True, "LM decode throughput, one new token per step"),
+    # output drift against the baseline on the same inputs
+    Metric("drift_sqnr_db", "dB", True, "signal-to-quantization-noise ratio of the outputs vs baseline"),
+    Metric("drift_max_abs", "abs", False, "max absolute output difference vs baseline"),
+    Metric("drift_cosine", "ratio", True, "mean cosine similarity of outputs vs baseline (1 = identical)"),
+    Metric("drift_kl", "nats", False, "LM: mean per-token KL(baseline || trial) of next-token distributions"),
+    Metric("top1_agreement", "ratio", True, "LM/classifier: fraction of positions whose argmax matches baseline"),
+    # task-level accuracy
+    Metric("task_metric", "task", None, "task metric of the quantized model (accuracy, or perplexity for LMs)"),
+    Metric("task_metric_delta", "task", None, "task_metric - baseline task_metric"),
+    Metric("task_metric_delta_rel", "ratio", None, "(task_metric - baseline) / baseline"),
+    Metric("accuracy_drop", "ratio", False,
+           "task cost of quantization, >= 0 is worse: accuracy lost (abs) or relative perplexity increase"),
+    # coverage
+    Metric("layers_quantized", "count", None, "Linear layers whose weight torchao replaced"),
+    Metric("layers_total", "count", None, "Linear layers that were candidates"),
+)
+
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+STATUSES = ("ok", "failed", "skipped", "unsupported")
+
+
+def only_metrics(values: dict) -> dict[str, float]:
+    """Keep the schema's metrics with a finite-or-inf numeric value; unknown names are a bug, so raise."""
+    unknown = set(values) - set(BY_NAME)
+    if unknown:
+        raise KeyError(f"metrics outside the schema: {sorted(unknown)}")
+    return {k: float(v) for k, v in values.items() if v is not None}

@@ -1,0 +1,153 @@
+"""Model builders: one function per model, named by `builder._target_` in conf/model/*.yaml.
+
+A builder returns a `ModelBundle`: the model (on CPU, float32, eval mode, fixed seed) and how to
+make its inputs. Task metrics (accuracy, perplexity) plug in through `evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    make_inputs: Callable[[int, int], tuple[torch.Tensor, ...]]  # (batch_size, seed) -> CPU inputs
+    # Task metric seam: (model, device, dtype) -> {"task_metric": value, ...}; higher_is_better tells
+    # how to turn a change into accuracy_drop.
+    evaluate: Callable[[nn.Module, str, torch.dtype], dict[str, float]] | None = None
+    task_higher_is_better: bool = True
+    logits: bool = False  # outputs are class/vocab logits: drift adds KL and top-1 agreement
+    tokens_per_sample: int = 1  # LMs: sequence length, so throughput can be quoted in tokens/s
+
+
+def build_model(builder: dict, seed: int) -> ModelBundle:
+    """Call the builder named by `builder["_target_"]` with the remaining keys, under a fixed seed."""
+    import importlib
+
+    module_name, _, fn_name = builder["_target_"].rpartition(".")
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    torch.manual_seed(seed)
+    bundle = fn(**{k: v for k, v in builder.items() if k != "_target_"})
+    bundle.model.eval()
+    return bundle
+
+
+def _gaussian_inputs(*shape: int) -> Callable[[int, int], tuple[torch.Tensor, ...]]:
+    def make(batch_size: int, seed: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randn(batch_size, *shape, generator=gen),)
+
+    return make
+
+
+class ToyLinearModel(nn.Module):
+    """torchao's quick-start model."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__()
+        self.linear1 = nn.Linear(in_features, hidden, bias=False)
+        self.linear2 = nn.Linear(hidden, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.linear1(x))
+
+
+def toy_linear(in_features: int = 1024, hidden: int = 1024, out_features: int = 1024) -> ModelBundle:
+    return ModelBundle(ToyLinearModel(in_features, hidden, out_features), _gaussian_inputs(in_features))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention + GELU MLP, the shape of one LM layer in miniature."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+def transformer_block(dim: int = 256, heads: int = 4, mlp_ratio: int = 4, seq_len: int = 16) -> ModelBundle:
+    bundle = ModelBundle(TransformerBlock(dim, heads, mlp_ratio), _gaussian_inputs(seq_len, dim))
+    bundle.tokens_per_sample = seq_len
+    return bundle
+
+
+def _digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 handwritten digits (no download): 80/20 stratified split, pixels / 16."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        data.data / 16.0, data.target, test_size=0.2, random_state=seed, stratify=data.target)
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return as_x(x_train), torch.tensor(y_train), as_x(x_test), torch.tensor(y_test)
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def digits_mlp(hidden: int = 512, depth: int = 3, epochs: int = 40, cache_dir: str = "outputs/models",
+               seed: int = 0) -> ModelBundle:
+    """An MLP classifier trained on the digits data on first use (seconds on CPU), then cached.
+
+    The held-out 20% gives the task metric (top-1 accuracy); drift inputs are held-out images.
+    """
+    from pathlib import Path
+
+    x_train, y_train, x_test, y_test = _digits_split(seed)
+    model = _mlp([64] + [hidden] * (depth - 1) + [10])
+    checkpoint = Path(cache_dir) / f"digits_mlp-h{hidden}-d{depth}-e{epochs}-s{seed}.pt"
+    if checkpoint.exists():
+        model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    else:
+        _train(model, x_train, y_train, epochs, seed)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")  # atomic: parallel trials may train at once
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(checkpoint)
+
+    def make_inputs(batch_size: int, input_seed: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(input_seed)
+        return (x_test[torch.randint(len(x_test), (batch_size,), generator=gen)],)
+
+    def evaluate(m: nn.Module, device: str, dtype: torch.dtype) -> dict[str, float]:
+        with torch.inference_mode():
+            predicted = m(x_test.to(device, dtype)).argmax(-1).cpu()
+        return {"task_metric": (predicted == y_test).double().mean().item()}
+
+    return ModelBundle(model, make_inputs, evaluate, task_higher_is_better=True, logits=True)
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()

@@ -1,0 +1,258 @@
+"""One trial: build a fresh model, quantize it, measure it, compare it with the baseline's outputs.
+
+`run_isolated` runs a trial in its own child process with a timeout: torchao and inductor change
+process-global state (inductor flags, matmul precision, compiled caches), so one trial must not
+shape another's numbers, and a crash or OOM must not take the sweep down. Children fork from a
+server that has already imported torch, so each trial starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing as mp
+import re
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qsweep import measure
+from qsweep.accuracy import accuracy_drop, logits_drift, output_drift
+from qsweep.models import ModelBundle, build_model
+from qsweep.schemes import build
+
+
+@dataclass
+class TrialSpec:
+    """Everything a trial needs, as plain data (it crosses a process boundary)."""
+
+    model_builder: dict
+    quant: dict | None  # torchao config spec (see schemes.build); None = baseline
+    device: str
+    dtype: str
+    batch_size: int
+    compile_mode: str | None = None
+    warmup: int = 5
+    repeats: int = 30
+    timing: str = "e2e"  # "device" | "e2e"
+    l2_flush: bool = False
+    eval_samples: int = 256
+    eval_batch_size: int = 64
+    seed: int = 0
+    quantize_filter: str | None = None  # regex on Linear FQNs allowed to be quantized
+    reference_path: str | None = None  # baseline outputs; a baseline trial writes them here
+    is_baseline: bool = False
+
+
+@dataclass
+class TrialResult:
+    status: str  # ok | failed | unsupported
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # non-numeric facts: timing mode, memory kind
+    traceback: str | None = None
+
+
+def run_trial(spec: TrialSpec) -> TrialResult:
+    """Run one trial in this process. Exceptions become a failed/unsupported result."""
+    try:
+        return _measure(spec)
+    except torch.cuda.OutOfMemoryError as err:
+        return TrialResult("failed", f"CUDA out of memory: {_first_line(err)}", traceback=traceback.format_exc())
+    except (ImportError, NotImplementedError) as err:  # e.g. a kernel package missing on this host
+        return TrialResult("unsupported", f"{type(err).__name__}: {_first_line(err)}",
+                           traceback=traceback.format_exc())
+    except Exception as err:
+        return TrialResult("failed", f"{type(err).__name__}: {_first_line(err)}", traceback=traceback.format_exc())
+
+
+def _measure(spec: TrialSpec) -> TrialResult:
+    dtype = getattr(torch, spec.dtype)
+    bundle = build_model(spec.model_builder, spec.seed)
+    model = bundle.model.to(dtype)
+    candidates = quantizable_layers(model, spec.quantize_filter)
+    metrics: dict[str, float] = {"layers_total": len(candidates)}
+    info: dict[str, Any] = {}
+
+    model = model.to(spec.device)
+    if spec.quant is not None:
+        start = time.perf_counter()
+        quantize(model, spec.quant, candidates)
+        _sync(spec.device)
+        metrics["quantize_s"] = time.perf_counter() - start
+    metrics["layers_quantized"] = sum(_is_quantized(m) for m in candidates.values())
+    info["quantized_layers"] = [name for name, m in candidates.items() if _is_quantized(m)]
+    # Drop quantization temporaries so they do not count towards the trial's memory.
+    gc.collect()
+    if spec.device == "cuda":
+        torch.cuda.empty_cache()
+        metrics["weights_mem_bytes"] = torch.cuda.memory_allocated()
+    else:
+        metrics["weights_mem_bytes"] = measure.tensor_bytes(model.state_dict())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics["size_bytes"] = measure.saved_size(model.state_dict(), Path(tmp) / "model.pt")
+
+    metrics.update(_accuracy(spec, bundle, model, dtype))
+    metrics.update(_speed(spec, bundle, model, dtype, info))
+    return TrialResult("ok", metrics=metrics, info=info)
+
+
+def quantizable_layers(model: nn.Module, pattern: str | None) -> dict[str, nn.Linear]:
+    """Linear layers (by fully-qualified name) that the trial may quantize."""
+    regex = re.compile(pattern) if pattern else None
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (regex is None or regex.search(name))}
+
+
+def quantize(model: nn.Module, quant: dict, candidates: dict[str, nn.Linear]) -> None:
+    """Apply a torchao config spec in place. Per-layer recipes (FqnToConfig) name their own layers;
+    a uniform scheme goes to every candidate whose in_features the group size divides (torchao
+    rejects the others; skipping them matches what users expect and is counted)."""
+    from torchao.quantization import quantize_
+
+    config = build(quant)
+    if quant["_target_"].endswith("FqnToConfig"):
+        quantize_(model, config, filter_fn=None)
+        return
+    group = _group_size(quant)
+    chosen = {id(m) for m in candidates.values() if not group or m.in_features % group == 0}
+    quantize_(model, config, filter_fn=lambda module, fqn: id(module) in chosen)
+
+
+def _group_size(spec: Any) -> int | None:
+    if isinstance(spec, dict):
+        if isinstance(spec.get("group_size"), int):
+            return spec["group_size"]
+        for value in spec.values():
+            found = _group_size(value)
+            if found:
+                return found
+    return None
+
+
+def _is_quantized(layer: nn.Linear) -> bool:
+    return type(layer.weight.data) is not torch.Tensor
+
+
+def _eval_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: TrialSpec, dtype) -> torch.Tensor:
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, inputs[0].shape[0], spec.eval_batch_size):
+            chunk = [_to(t[start:start + spec.eval_batch_size], spec.device, dtype) for t in inputs]
+            out = model(*chunk)
+            outs.append((out.logits if hasattr(out, "logits") else out).float().cpu())
+    return torch.cat(outs)
+
+
+def _accuracy(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype) -> dict[str, float]:
+    """Drift on the eval inputs (eager model: drift belongs to the quantization, not to compile)."""
+    inputs = bundle.make_inputs(spec.eval_samples, spec.seed + 1)
+    outputs = _eval_outputs(model, inputs, spec, dtype)
+    task = bundle.evaluate(model, spec.device, dtype) if bundle.evaluate else {}
+    if spec.is_baseline:
+        torch.save({"outputs": outputs, "task": task}, spec.reference_path)
+        return dict(task)
+    reference = torch.load(spec.reference_path, weights_only=True)
+    metrics = output_drift(reference["outputs"], outputs)
+    if bundle.logits:
+        metrics.update(logits_drift(reference["outputs"], outputs))
+    if "task_metric" in task and "task_metric" in reference["task"]:
+        base, value = reference["task"]["task_metric"], task["task_metric"]
+        metrics.update(task, task_metric_delta=value - base,
+                       task_metric_delta_rel=(value - base) / base if base else math.nan,
+                       accuracy_drop=accuracy_drop(base, value, bundle.task_higher_is_better))
+    return metrics
+
+
+def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict) -> dict[str, float]:
+    inputs = [_to(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed)]
+    runnable = torch.compile(model, mode=spec.compile_mode) if spec.compile_mode else model
+
+    def call():
+        with torch.inference_mode():
+            return runnable(*inputs)
+
+    start = time.perf_counter()
+    call()  # the first call compiles (and autotunes); keep it out of the latency
+    _sync(spec.device)
+    compile_s = time.perf_counter() - start if spec.compile_mode else 0.0
+
+    with measure.PeakMemory(spec.device) as peak:
+        call()
+    graphed = spec.compile_mode in ("reduce-overhead", "max-autotune")
+    stats = measure.time_call(call, device=spec.device, warmup=spec.warmup, repeats=spec.repeats,
+                              timing=spec.timing, l2_flush=spec.l2_flush, graphed_already=graphed)
+    info.update(timing_mode=stats.mode, peak_mem_kind=peak.kind)
+    metrics = {
+        "latency_ms": stats.median_ms, "latency_ms_p10": stats.p10_ms, "latency_ms_p90": stats.p90_ms,
+        "latency_cv": stats.cv, "throughput": spec.batch_size / (stats.median_ms / 1e3),
+        "compile_s": compile_s, "peak_mem_bytes": peak.peak_bytes,
+    }
+    if peak.peak_reserved_bytes is not None:
+        metrics["peak_mem_reserved_bytes"] = peak.peak_reserved_bytes
+    return metrics
+
+
+def _to(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:500] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------- isolation
+
+_CONTEXT: mp.context.BaseContext | None = None
+
+
+def _context() -> mp.context.BaseContext:
+    global _CONTEXT  # one fork server per parent process, started on first use
+    if _CONTEXT is None:
+        _CONTEXT = mp.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["torch", "torchao.quantization", "qsweep.runner"])
+    return _CONTEXT
+
+
+def _child(spec: TrialSpec, conn) -> None:
+    conn.send(run_trial(spec))
+    conn.close()
+
+
+def run_isolated(spec: TrialSpec, timeout_s: float) -> TrialResult:
+    """Run a trial in a fresh child process; a timeout, crash or OOM kill becomes a failed result."""
+    ctx = _context()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(spec, send), daemon=True)
+    start = time.perf_counter()
+    proc.start()
+    send.close()
+    try:
+        if receive.poll(timeout_s):
+            result = receive.recv()
+            proc.join(30)
+            return result
+    except EOFError:
+        pass  # the child died before sending a result
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+    if time.perf_counter() - start >= timeout_s:
+        return TrialResult("failed", f"timeout: trial ran longer than {timeout_s:g} s (bench.timeout_s)")
+    code = proc.exitcode
+    hint = " (killed: likely out of memory)" if code == -9 else ""
+    return TrialResult("failed", f"trial process died with exit code {code}{hint}")
