@@ -6,19 +6,28 @@ one line naming the valid choices instead of after hours of trials.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qsweep.config import CONF_DIR, GROUPS, ConfigError, choices, mlflow_uri, to_root
+from qsweep.config import (
+    CONF_DIR,
+    GROUPS,
+    ConfigError,
+    choices,
+    compose_config,
+    first_line,
+    load_config,
+    mlflow_uri,
+    to_root,
+)
 
 USAGE = """usage: qsweep <command> [hydra overrides]
 
@@ -41,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"run": run_command, "ui": ui_command}
+    commands = {"run": run_command, "ui": ui_command, "search": _lazy("qsweep.search:search_command"),
+                "select": _lazy("qsweep.select:select_command"), "apply": _lazy("qsweep.select:apply_command"),
+                "report": _lazy("qsweep.report:report_command")}
     try:
         if command not in commands:
             raise ConfigError(f"unknown command {command!r}; valid: {', '.join(commands)}")
@@ -49,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"qsweep: error: {err}", file=sys.stderr)
         return 2
+
+
+def _lazy(target: str):
+    """Import a command's module only when it runs (keeps `qsweep run` start-up light)."""
+    def command(args: list[str]) -> int:
+        import importlib
+
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)(args)
+
+    return command
 
 
 def run_command(args: list[str]) -> int:
@@ -71,7 +93,7 @@ def check_grid(overrides: list[str], multirun: bool) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:
-        raise ConfigError(f"cannot parse overrides: {_first_line(err)}") from None
+        raise ConfigError(f"cannot parse overrides: {first_line(err)}") from None
     for o in parsed:
         group = o.key_or_group
         if group in GROUPS and o.package is None and not o.is_delete():
@@ -81,10 +103,10 @@ def check_grid(overrides: list[str], multirun: bool) -> list[list[str]]:
                     raise ConfigError(f"unknown {group} {value!r}; valid choices: {', '.join(choices(group))}")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         head = [_first_choice(o) for o in parsed]
-        params = _compose(head, hydra_config=True).hydra.sweeper.params or {}
+        params = compose_config(head, hydra_config=True).hydra.sweeper.params or {}
         grid = expand_grid(overrides, dict(params)) if multirun else [overrides]
         for point in grid:
-            to_root(_compose(point))
+            to_root(compose_config(point))
     return grid
 
 
@@ -92,31 +114,6 @@ def _first_choice(o) -> str:
     if o.is_sweep_override():
         return f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
     return o.input_line
-
-
-def _compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
-    try:
-        return compose("config", overrides=overrides, return_hydra_config=hydra_config)
-    except Exception as err:
-        raise ConfigError(_explain(err, overrides)) from None
-
-
-def _explain(err: Exception, overrides: list[str]) -> str:
-    text = str(err)
-    key = re.search(r"full_key: (\S+)", text) or re.search(r"Could not override '([^']+)'", text)
-    if key and ("not in struct" in text or "Could not override" in text):
-        name = key.group(1)
-        parent = name.rpartition(".")[0]
-        base = compose("config", overrides=[o for o in overrides if o.split("=")[0].lstrip("+~") in GROUPS])
-        node = OmegaConf.select(base, parent) if parent else base
-        valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
-        return f"unknown key {name!r}; valid keys{' under ' + parent if parent else ''}: {valid}"
-    return _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -141,8 +138,7 @@ def ui_command(args: list[str]) -> int:
     """`mlflow ui` on the store a run with the same overrides would write to."""
     port = next((a.split("=", 1)[1] for a in args if a.startswith("port=")), "5000")
     overrides = [a for a in args if not a.startswith("port=")]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        uri = mlflow_uri(to_root(_compose(overrides)))
+    uri = mlflow_uri(load_config(overrides)[0])
     print(f"MLflow UI on http://127.0.0.1:{port}  (store: {uri})")
     return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", port])
 

@@ -7,10 +7,12 @@ without a traceback.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -131,7 +133,7 @@ def to_root(cfg: DictConfig) -> RootConf:
     try:
         root: RootConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except Exception as err:  # OmegaConf's messages are multi-line; keep the first
-        raise ConfigError(_first_line(err)) from None
+        raise ConfigError(first_line(err)) from None
     _check(root.device in DEVICES, f"device={root.device!r} is invalid; valid: {', '.join(DEVICES)}")
     _check(root.dtype in DTYPES, f"dtype={root.dtype!r} is invalid; valid: {', '.join(DTYPES)}")
     _check(root.bench.timing in TIMINGS, f"bench.timing={root.bench.timing!r} is invalid; valid: {', '.join(TIMINGS)}")
@@ -153,9 +155,9 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+def first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def mlflow_uri(root: RootConf) -> str:
@@ -165,3 +167,30 @@ def mlflow_uri(root: RootConf) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(root.output_dir).resolve() / 'mlflow.db'}"
+
+
+def load_config(overrides: list[str]) -> tuple[RootConf, DictConfig]:
+    """Compose conf/config.yaml with overrides (outside a Hydra run) and validate it."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose_config(overrides)
+    return to_root(cfg), cfg
+
+
+def compose_config(overrides: list[str], hydra_config: bool = False) -> DictConfig:
+    try:
+        return compose("config", overrides=overrides, return_hydra_config=hydra_config)
+    except Exception as err:
+        raise ConfigError(_explain(err, overrides)) from None
+
+
+def _explain(err: Exception, overrides: list[str]) -> str:
+    text = str(err)
+    key = re.search(r"full_key: (\S+)", text) or re.search(r"Could not override '([^']+)'", text)
+    if key and ("not in struct" in text or "Could not override" in text):
+        name = key.group(1)
+        parent = name.rpartition(".")[0]
+        base = compose("config", overrides=[o for o in overrides if o.split("=")[0].lstrip("+~") in GROUPS])
+        node = OmegaConf.select(base, parent) if parent else base
+        valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
+        return f"unknown key {name!r}; valid keys{' under ' + parent if parent else ''}: {valid}"
+    return first_line(err)

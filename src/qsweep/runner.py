@@ -24,6 +24,7 @@ from torch import nn
 
 from qsweep import measure
 from qsweep.accuracy import accuracy_drop, logits_drift, output_drift
+from qsweep.config import first_line
 from qsweep.models import ModelBundle, build_model
 from qsweep.schemes import build
 
@@ -64,12 +65,12 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     try:
         return _measure(spec)
     except torch.cuda.OutOfMemoryError as err:
-        return TrialResult("failed", f"CUDA out of memory: {_first_line(err)}", traceback=traceback.format_exc())
+        return TrialResult("failed", f"CUDA out of memory: {first_line(err)[:500]}", traceback=traceback.format_exc())
     except (ImportError, NotImplementedError) as err:  # e.g. a kernel package missing on this host
-        return TrialResult("unsupported", f"{type(err).__name__}: {_first_line(err)}",
+        return TrialResult("unsupported", f"{type(err).__name__}: {first_line(err)[:500]}",
                            traceback=traceback.format_exc())
     except Exception as err:
-        return TrialResult("failed", f"{type(err).__name__}: {_first_line(err)}", traceback=traceback.format_exc())
+        return TrialResult("failed", f"{type(err).__name__}: {first_line(err)[:500]}", traceback=traceback.format_exc())
 
 
 def _measure(spec: TrialSpec) -> TrialResult:
@@ -207,11 +208,6 @@ def _to(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:500] if lines else type(err).__name__
 
 
 # ---------------------------------------------------------------- isolation

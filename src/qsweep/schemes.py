@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from qsweep.config import ConfigError, GranularityConf, SchemeConf
+from qsweep.config import ConfigError, GranularityConf, SchemeConf, first_line
 
 ALLOWED_MODULES = ("torchao.quantization",)
 
@@ -65,7 +65,7 @@ def skip_reason(scheme: SchemeConf, granularity: GranularityConf, group_size: in
     try:
         build(quant_spec(scheme, granularity, group_size))
     except (ValueError, AssertionError, TypeError) as err:  # torchao validates in __post_init__
-        return f"torchao rejects {scheme.name} with {granularity.name}: {_one_line(err)}"
+        return f"torchao rejects {scheme.name} with {granularity.name}: {first_line(err)}"
     return None
 
 
@@ -129,8 +129,3 @@ def _copy(node: Any) -> Any:
     if isinstance(node, list):
         return [_copy(v) for v in node]
     return node
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
