@@ -78,7 +78,9 @@ def run_command(args: list[str]) -> int:
     if not INSPECT_FLAGS & set(args):
         overrides = [a for a in args if not a.startswith("-")]
         print(f"qsweep: checked {len(check_grid(overrides, multirun))} grid point(s)", flush=True)
-    sys.argv = ["qsweep run", *args]
+    # argparse cannot take a flag between overrides (`run a=1 -m b=2,3`); put -m first.
+    flags = [a for a in args if a in ("-m", "--multirun")]
+    sys.argv = ["qsweep run", *flags, *[a for a in args if a not in flags]]
     try:
         _hydra_entry()
     except SystemExit as done:

@@ -196,6 +196,8 @@ def _run(point: Point, quant: dict | None, reference: Path, is_baseline: bool) -
 def _record(point: Point, tracker: Tracker, status: str, reason: str, metrics: dict[str, float],
             result: TrialResult | None = None, extra_tags: dict[str, str] | None = None) -> PointRecord:
     texts = {"config.yaml": point.resolved_yaml} if point.resolved_yaml else {}
+    if point.quant is not None:
+        texts["quant_spec.json"] = json.dumps(point.quant, indent=1)  # the recipe: rebuildable by schemes.build
     tags = {**point.tags(), **(extra_tags or {})}
     if result is not None:
         texts["trial_info.json"] = json.dumps(result.info, indent=1, default=str)
