@@ -3,7 +3,7 @@
 `run_isolated` runs a trial in its own child process with a timeout: torchao and inductor change
 process-global state (inductor flags, matmul precision, compiled caches), so one trial must not
 shape another's numbers, and a crash or OOM must not take the sweep down. Children fork from a
-server that has already imported torch, so each trial starts in well under a second.
+server that has already imported torch, so each trial starts in about a second.
 """
 
 from __future__ import annotations
@@ -234,7 +234,9 @@ def _context() -> mp.context.BaseContext:
     global _CONTEXT  # one fork server per parent process, started on first use
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["torch", "torchao.quantization", "qsweep.runner"])
+        # Not torchao: importing it queries the GPU, and a CUDA context in the fork server would make
+        # every forked trial fail with "Cannot re-initialize CUDA in forked subprocess".
+        _CONTEXT.set_forkserver_preload(["torch", "qsweep.runner"])
     return _CONTEXT
 
 
