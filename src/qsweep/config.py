@@ -161,6 +161,11 @@ def first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def artifact_root(root: RootConf, experiment: str) -> str:
+    """Artifacts of new experiments live beside the SQLite store, under output_dir."""
+    return str(Path(root.output_dir) / "mlartifacts" / experiment)
+
+
 def mlflow_uri(root: RootConf) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else SQLite under output_dir."""
     if root.tracking.uri:

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from qsweep import schemes
-from qsweep.config import RootConf, mlflow_uri
+from qsweep.config import RootConf, artifact_root, mlflow_uri
 from qsweep.metrics import STATUSES
 from qsweep.runner import TrialResult, TrialSpec, run_isolated, run_trial
 from qsweep.tracking import PointRecord, Tracker
@@ -113,7 +113,8 @@ class Point:
 def run_point(root: RootConf, resolved_yaml: str = "", progress: str = "") -> PointRecord:
     """Decide and do what one grid point needs; every outcome is recorded, nothing raises."""
     point = Point(root, resolved_yaml)
-    tracker = Tracker(mlflow_uri(root), root.tracking.experiment)
+    tracker = Tracker(mlflow_uri(root), root.tracking.experiment,
+                      artifact_root(root, root.tracking.experiment))
     record = _decide(point, tracker)
     print(f"{progress}{record.run_name}: {_one_liner(record)}", flush=True)
     return record

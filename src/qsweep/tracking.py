@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qsweep.metrics import only_metrics
@@ -34,13 +35,21 @@ class PointRecord:
 class Tracker:
     """A thin MlflowClient wrapper: no global active run, so nothing leaks between points."""
 
-    def __init__(self, uri: str, experiment: str):
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+        """Args:
+            artifact_root: where a new experiment keeps its artifacts; MLflow's default is ./mlruns
+                in the current directory, wherever the store is.
+        """
         import mlflow
 
         self.uri = uri
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found:
+            self.experiment_id = found.experiment_id
+        else:
+            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
 
     def find(self, **tags: str) -> list[Any]:
         """Runs of this experiment whose tags equal the given values (newest first)."""
