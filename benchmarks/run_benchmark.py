@@ -30,7 +30,7 @@ COLUMNS = ["model", "batch_size", "scheme", "granularity", "group_size", "status
 
 def run_grids(cfg: dict, output_dir: str) -> None:
     for grid in cfg["grids"]:
-        _qsweep([*cfg["common"], *grid, f"tracking.experiment={cfg['experiment']}"], output_dir)
+        _qsweep([*grid, f"tracking.experiment={cfg['experiment']}"], output_dir)
     if "repeat" in cfg:
         _qsweep([*cfg["repeat"]["grid"], f"tracking.experiment={cfg['repeat']['experiment']}", "force=true"],
                 output_dir)

@@ -43,6 +43,7 @@ class RequiresConf:
     min_sm: float | None = None  # CUDA compute capability, e.g. 8.9 for float8
     dtypes: list[str] | None = None
     cuda_min_batch: int | None = None  # kernels with a minimum row count on CUDA
+    cuda_max_batch: int | None = None  # kernels that fall off a cliff above this row count on CUDA
 
 
 @dataclass

@@ -80,6 +80,9 @@ def unsupported_reason(scheme: SchemeConf, hw: Hardware, dtype: str, batch_size:
         return f"{scheme.name} needs dtype {'|'.join(req.dtypes)}; got {dtype}"
     if req.cuda_min_batch and hw.device == "cuda" and batch_size < req.cuda_min_batch:
         return f"{scheme.name} on CUDA needs batch rows >= {req.cuda_min_batch}; got {batch_size}"
+    if req.cuda_max_batch and hw.device == "cuda" and batch_size > req.cuda_max_batch:
+        return (f"{scheme.name} on CUDA is a small-batch kernel: above {req.cuda_max_batch} rows it falls off "
+                f"a cliff (measured below 0.01x of bf16 at 256 rows on an H100); got {batch_size}")
     return None
 
 
