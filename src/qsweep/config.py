@@ -89,6 +89,7 @@ class EvalConf:
     batch_size: int = 64
     seq_len: int = 128
     text: str = "builtin"  # LMs: builtin | a local text file | hf:<dataset>[:<config>[:<split>]]
+    drift_positions: int = 4  # LMs: positions per sample whose logits are compared with the baseline
     seed: int = 0
 
 
@@ -147,7 +148,8 @@ def to_root(cfg: DictConfig) -> RootConf:
     _check(root.bench.repeats >= 3 and root.bench.warmup >= 0,
            "bench.repeats must be >= 3 (a median needs repeats) and bench.warmup >= 0")
     for name, value in (("bench.batch_size", root.bench.batch_size), ("eval.n_samples", root.eval.n_samples),
-                        ("eval.batch_size", root.eval.batch_size)):
+                        ("eval.batch_size", root.eval.batch_size), ("eval.seq_len", root.eval.seq_len),
+                        ("eval.drift_positions", root.eval.drift_positions)):
         _check(value > 0, f"{name}={value} is invalid; it must be a positive integer")
     return root
 

@@ -34,13 +34,16 @@ METRICS: tuple[Metric, ...] = (
     Metric("compile_s", "s", False, "time of the first (compiling) calls; 0 without torch.compile"),
     Metric("quantize_s", "s", False, "time spent in torchao quantize_"),
     # language models (tokens/s)
-    Metric("prefill_tok_s", "tokens/s", True, "LM prefill throughput at the eval sequence length"),
-    Metric("decode_tok_s", "tokens/s", True, "LM decode throughput, one new token per step"),
+    Metric("prefill_tok_s", "tokens/s", True,
+           "LM: bench.batch_size x eval.seq_len prompt tokens / median time to fill the KV cache"),
+    Metric("decode_tok_s", "tokens/s", True,
+           "LM: bench.batch_size x bench.decode_tokens / median time of the greedy decode loop (StaticCache)"),
     # output drift against the baseline on the same inputs
     Metric("drift_sqnr_db", "dB", True, "signal-to-quantization-noise ratio of the outputs vs baseline"),
     Metric("drift_max_abs", "abs", False, "max absolute output difference vs baseline"),
     Metric("drift_cosine", "ratio", True, "mean cosine similarity of outputs vs baseline (1 = identical)"),
-    Metric("drift_kl", "nats", False, "LM: mean per-token KL(baseline || trial) of next-token distributions"),
+    Metric("drift_kl", "nats", False,
+           "classifier/LM: mean KL(baseline || trial) of the output distributions (LM: next-token, per position)"),
     Metric("top1_agreement", "ratio", True, "LM/classifier: fraction of positions whose argmax matches baseline"),
     # task-level accuracy
     Metric("task_metric", "task", None, "task metric of the quantized model (accuracy, or perplexity for LMs)"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,13 @@ class ModelBundle:
     task_higher_is_better: bool = True
     logits: bool = False  # outputs are class/vocab logits: drift adds KL and top-1 agreement
     tokens_per_sample: int = 1  # LMs: sequence length, so throughput can be quoted in tokens/s
+    # Drift seam: (model, inputs) -> the outputs compared with the baseline; None = model(*inputs).
+    # LMs keep logits at a few positions only (full logits are samples x seq x vocab floats).
+    drift_outputs: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor] | None = None
+    # Extra speed metrics: (model, inputs, timer, info) -> {"prefill_tok_s": ..., "decode_tok_s": ...};
+    # timer(fn) times fn with the trial's bench settings (measure.time_call).
+    extra_speed: Callable[[nn.Module, tuple[torch.Tensor, ...], Callable, dict[str, Any]],
+                          dict[str, float]] | None = None
 
 
 def build_model(builder: dict, seed: int) -> ModelBundle:
@@ -180,3 +188,37 @@ def ffn_stack(dim: int = 4096, hidden: int = 14336, layers: int = 4) -> ModelBun
             return x
 
     return ModelBundle(Stack(), _gaussian_inputs(dim))
+def hf_causal_lm(name_or_path: str | None = None, random_init: bool = False, config: dict | None = None,
+                 tokenizer: str = "auto", dtype: str | None = None, trust_remote_code: bool = False,
+                 text: str = "builtin", seq_len: int = 128, n_samples: int = 256, batch_size: int = 8,
+                 drift_positions: int = 4, decode_tokens: int = 32) -> ModelBundle:
+    """Any Hugging Face causal LM: real weights (`name_or_path`: hub id or local directory) or the same
+    architecture with random weights (`random_init`, shapes from `config` without network).
+
+    Task metric: perplexity (lower is better) of the first `n_samples` windows of `seq_len` tokens of
+    the eval text. Drift inputs are windows of the same text at seeded random offsets; drift compares
+    logits at `drift_positions` positions per window. Speed adds prefill and decode tokens/s.
+    """
+    from qsweep import lm
+
+    model = lm.load_model(name_or_path, random_init, config, dtype, trust_remote_code)
+    tok = lm.load_tokenizer(tokenizer, name_or_path, random_init)
+    tokens = lm.tokenize(lm.load_text(text), tok, model.config.get_text_config().vocab_size)
+    ppl_windows = lm.windows(tokens, seq_len, n_samples)
+    positions = lm.drift_positions(seq_len, drift_positions)
+
+    def make_inputs(batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+        return (lm.random_windows(tokens, seq_len, batch, seed),)
+
+    def evaluate(m: nn.Module, device: str, _dtype: torch.dtype) -> dict[str, float]:
+        return {"task_metric": lm.perplexity(m, ppl_windows, device, batch_size)}
+
+    def drift_outputs(m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return lm.logits_at(m, inputs[0], positions)
+
+    def extra_speed(m: nn.Module, inputs: tuple[torch.Tensor, ...], timer: Callable,
+                    info: dict[str, Any]) -> dict[str, float]:
+        return lm.speed(m, inputs[0], decode_tokens, timer, info)
+
+    return ModelBundle(model, make_inputs, evaluate, task_higher_is_better=False, logits=True,
+                       tokens_per_sample=seq_len, drift_outputs=drift_outputs, extra_speed=extra_speed)

@@ -145,12 +145,13 @@ def _is_quantized(layer: nn.Linear) -> bool:
     return type(layer.weight.data) is not torch.Tensor
 
 
-def _eval_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: TrialSpec, dtype) -> torch.Tensor:
+def _eval_outputs(model: nn.Module, bundle: ModelBundle, inputs: tuple[torch.Tensor, ...], spec: TrialSpec,
+                  dtype) -> torch.Tensor:
     outs = []
     with torch.inference_mode():
         for start in range(0, inputs[0].shape[0], spec.eval_batch_size):
-            chunk = [_to(t[start:start + spec.eval_batch_size], spec.device, dtype) for t in inputs]
-            out = model(*chunk)
+            chunk = tuple(_to(t[start:start + spec.eval_batch_size], spec.device, dtype) for t in inputs)
+            out = bundle.drift_outputs(model, chunk) if bundle.drift_outputs else model(*chunk)
             outs.append((out.logits if hasattr(out, "logits") else out).float().cpu())
     return torch.cat(outs)
 
@@ -158,7 +159,7 @@ def _eval_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: Tria
 def _accuracy(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype) -> dict[str, float]:
     """Drift on the eval inputs (eager model: drift belongs to the quantization, not to compile)."""
     inputs = bundle.make_inputs(spec.eval_samples, spec.seed + 1)
-    outputs = _eval_outputs(model, inputs, spec, dtype)
+    outputs = _eval_outputs(model, bundle, inputs, spec, dtype)
     task = bundle.evaluate(model, spec.device, dtype) if bundle.evaluate else {}
     if spec.is_baseline:
         torch.save({"outputs": outputs, "task": task}, spec.reference_path)
@@ -213,6 +214,12 @@ def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: 
     }
     if peak.peak_reserved_bytes is not None:
         metrics["peak_mem_reserved_bytes"] = peak.peak_reserved_bytes
+    if bundle.extra_speed:
+        def timer(fn):
+            return measure.time_call(fn, device=spec.device, warmup=spec.warmup, repeats=spec.repeats,
+                                     timing=spec.timing, l2_flush=spec.l2_flush, graphed_already=graphed)
+
+        metrics.update(bundle.extra_speed(runnable, tuple(inputs), timer, info))
     return metrics
 
 
