@@ -71,7 +71,7 @@ def test_bad_search_config_is_one_line(compose):
         compose("search.relative=true", "search.drift_metric=drift_kl")
 
 
-def test_search_beats_or_matches_best_uniform_and_resume_adds_trials(compose, tmp_path):
+def test_search_beats_or_matches_best_uniform_and_resume_adds_trials(compose, tmp_path, capsys):
     over = [*SMALL_DIGITS, "search.candidates=[none,int8wo,intxwo_4:per_axis,intxwo_2:per_axis]",
             "search.objective=size", "search.max_drift=0.02", "search.exhaustive=true", "search.confirm_top_k=1",
             "isolate=false"]
@@ -85,7 +85,9 @@ def test_search_beats_or_matches_best_uniform_and_resume_adds_trials(compose, tm
     assert best["value"] <= first["exhaustive"]["optimum"] + 1e-12
     assert first["confirmed"][0]["status"] == "ok" and first["confirmed"][0]["size_ratio"] > 1
 
+    capsys.readouterr()
     second = run_search(compose(*over, "search.n_trials=14"), over)  # same storage and study: resume
+    assert "sensitivity table reused" in capsys.readouterr().out
     assert second["trials_total"] == 14 and second["trials_this_run"] == 4
     assert second["best"]["value"] >= best["value"]
     study = optuna.load_study(study_name=default_study_name(root), storage=default_storage(root))

@@ -363,6 +363,25 @@ def sensitivity(ev: Evaluator, space: Space, cands: dict[str, Candidate], cost: 
     return table
 
 
+def cached_sensitivity(setup: Setup) -> pd.DataFrame:
+    """The sensitivity table, reused on resume (and by other workers) when nothing it depends on changed."""
+    root = setup.root
+    what = {**setup.cost.context, "model": dict(root.model.builder), "eval": vars(root.eval),
+            "space": setup.space.choices, "candidates": {n: c.spec for n, c in setup.cands.items()},
+            "drift": [root.search.drift_metric, root.search.relative], "objective": root.search.objective}
+    key = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    path = setup.out_dir / "sensitivity.json"
+    if path.exists() and json.loads(path.read_text()).get("key") == key:
+        table = pd.DataFrame(json.loads(path.read_text())["rows"])
+        for row in table[table["status"] == "failed"].itertuples():
+            setup.space.choices[row.group].remove(row.candidate)
+        print("qsweep search: sensitivity table reused from", path, flush=True)
+        return table
+    table = sensitivity(setup.ev, setup.space, setup.cands, setup.cost, root.search.objective, setup.drift)
+    path.write_text(json.dumps({"key": key, "rows": json.loads(table.to_json(orient="records"))}))
+    return table
+
+
 def greedy_seeds(table: pd.DataFrame, space: Space, budgets: list[float]) -> list[dict[str, str]]:
     """Greedy recipes at several drift budgets, assuming per-group drifts add up: repeatedly take the
     upgrade with the best gain per unit of drift that keeps the estimated total within the budget."""
@@ -735,7 +754,7 @@ def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, 
 
     table = pd.DataFrame()
     if s.sensitivity:
-        table = sensitivity(setup.ev, space, setup.cands, setup.cost, s.objective, setup.drift)
+        table = cached_sensitivity(setup)
         table.to_csv(setup.out_dir / "sensitivity.csv", index=False)
         plot_sensitivity(table, setup.out_dir / "sensitivity.png", s.drift_metric)
         _print_sensitivity(table, s.drift_metric)
