@@ -67,6 +67,7 @@ class GranularityConf:
 class CompileConf:
     name: str = "none"
     mode: str | None = None  # torch.compile mode; null = eager
+    cache_dir: str | None = None  # persistent inductor/autotune cache (repeated sweeps reuse it)
 
 
 @dataclass

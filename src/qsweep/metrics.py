@@ -27,6 +27,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("latency_ms_p10", "ms", False, "10th percentile latency"),
     Metric("latency_ms_p90", "ms", False, "90th percentile latency"),
     Metric("latency_cv", "ratio", False, "coefficient of variation (std/mean) of the repeats: the noise figure"),
+    Metric("latency_e2e_ms", "ms", False,
+           "median latency of plain calls with a sync, launch overhead included (= latency_ms on CPU)"),
     Metric("throughput", "samples/s", True, "batch_size / latency"),
     Metric("speedup", "x", True, "baseline latency_ms / trial latency_ms, same compile mode and batch"),
     Metric("compile_s", "s", False, "time of the first (compiling) calls; 0 without torch.compile"),

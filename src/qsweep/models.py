@@ -151,3 +151,32 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     model.eval()
+
+
+class GatedFFN(nn.Module):
+    """Llama's SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+def ffn_stack(dim: int = 4096, hidden: int = 14336, layers: int = 4) -> ModelBundle:
+    """Residual stack of Llama feed-forward blocks: the weight-bound part of an LM, without attention."""
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(GatedFFN(dim, hidden) for _ in range(layers))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = x + block(x)
+            return x
+
+    return ModelBundle(Stack(), _gaussian_inputs(dim))

@@ -103,6 +103,7 @@ class Point:
         return TrialSpec(
             model_builder=dict(r.model.builder), quant=quant, device=self.device, dtype=self.dtype,
             batch_size=r.bench.batch_size, compile_mode=r.compile.mode, warmup=r.bench.warmup,
+            compile_cache_dir=r.compile.cache_dir,
             repeats=r.bench.repeats, timing=self.timing, l2_flush=r.bench.l2_flush,
             eval_samples=r.eval.n_samples, eval_batch_size=r.eval.batch_size, seed=r.seed,
             quantize_filter=r.model.quantize_filter, reference_path=str(reference_path),

@@ -1,0 +1,43 @@
+"""GPU measurement fidelity (CUDA only; skipped on CPU)."""
+
+import pytest
+import torch
+
+from qsweep import measure
+from qsweep.sweep import run_point
+
+pytestmark = pytest.mark.gpu
+
+
+def test_device_timing_removes_launch_overhead():
+    # 64 tiny matmuls: a few microseconds of GPU work behind 64 Python launches.
+    layers = torch.nn.Sequential(*[torch.nn.Linear(64, 64, device="cuda") for _ in range(64)])
+    x = torch.randn(1, 64, device="cuda")
+    device = measure.time_call(lambda: layers(x), device="cuda", warmup=5, repeats=50, timing="device")
+    e2e = measure.time_call(lambda: layers(x), device="cuda", warmup=5, repeats=50, timing="e2e")
+    assert device.mode == "device (cuda graph)"
+    assert device.median_ms < 0.5 * e2e.median_ms
+
+
+def test_peak_memory_counts_only_the_block():
+    keep = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 256 MiB held before
+    with measure.PeakMemory("cuda") as peak:
+        tmp = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        del tmp
+    assert 64 * 2**20 <= peak.peak_bytes < 80 * 2**20
+    del keep
+
+
+def test_int4_and_float8_run_on_cuda(compose):
+    for scheme, granularity in (("int4wo", "per_group"), ("float8dq", "per_row"), ("int8dq", "per_row")):
+        record = run_point(compose("device=cuda", f"scheme={scheme}", f"granularity={granularity}",
+                                   "bench.batch_size=32", "bench.timing=device"))
+        assert record.status == "ok", record.reason
+        assert record.metrics["layers_quantized"] == 2
+        assert record.metrics["size_ratio"] > 1.7  # bf16 -> 8 or 4 bits
+        assert record.metrics["latency_e2e_ms"] >= record.metrics["latency_ms"] * 0.8
+
+
+def test_int8dq_small_batch_is_unsupported_not_garbage(compose):
+    record = run_point(compose("device=cuda", "scheme=int8dq", "bench.batch_size=1"))
+    assert record.status == "unsupported" and "17" in record.reason
