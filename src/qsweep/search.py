@@ -166,7 +166,8 @@ class Evaluator:
 
     def __init__(self, root: RootConf, device: str, dtype: str):
         self.root, self.device, self.dtype = root, device, getattr(torch, dtype)
-        self.bundle = build_model(dict(root.model.builder), root.seed)
+        with torch.device(device):  # initialise on the device, as runner trials do (big LMs)
+            self.bundle = build_model(dict(root.model.builder), root.seed)
         self.model = self.bundle.model.to(self.dtype).to(device)
         self.layers = quantizable_layers(self.model, root.model.quantize_filter)
         self.inputs = self.bundle.make_inputs(root.eval.n_samples, root.seed + 1)
