@@ -99,6 +99,34 @@ class TrackingConf:
     experiment: str = "qsweep"
 
 
+SEARCH_OBJECTIVES = ("speedup", "size")
+SEARCH_DRIFTS = ("accuracy_drop", "drift_kl", "drift_max_abs")  # lower-is-better metrics of qsweep.metrics
+
+
+@dataclass
+class SearchConf:
+    """Per-layer recipe search (qsweep search): see conf/search/default.yaml for the meaning of each key."""
+
+    candidates: list[str] = field(default_factory=lambda: ["none", "int8wo", "intxwo_4", "intxwo_2"])
+    objective: str = "speedup"  # speedup (cost model, confirmed end to end) | size (measured size_ratio)
+    drift_metric: str = "accuracy_drop"
+    max_drift: float = 0.01
+    relative: bool = False  # max_drift is a fraction of the baseline task metric (accuracy_drop only)
+    pareto: bool = False  # two objectives (objective, drift) -> a Pareto front; the budget still holds
+    n_trials: int = 60  # trials the study should hold; rerun with a larger number to add trials
+    timeout_s: float | None = None  # stop this worker after this many seconds
+    groups: list[str] = field(default_factory=list)  # regexes: matching layers share one choice
+    study: str | None = None  # null: <model>-<objective>-<drift_metric>
+    storage: str | None = None  # SQLAlchemy URL; null: sqlite:///<output_dir>/optuna.db
+    seed: int = 0
+    sensitivity: bool = True
+    seed_budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # greedy seeds, x max_drift
+    confirm_top_k: int = 3
+    exhaustive: bool = False  # also evaluate every recipe (small spaces) and compare with the search
+    max_exhaustive: int = 4096
+    max_retry: int = 1  # retries of a trial whose worker died (heartbeat)
+
+
 @dataclass
 class RootConf:
     model: ModelConf = MISSING
@@ -108,7 +136,7 @@ class RootConf:
     bench: BenchConf = field(default_factory=BenchConf)
     eval: EvalConf = field(default_factory=EvalConf)
     tracking: TrackingConf = field(default_factory=TrackingConf)
-    search: dict[str, Any] = field(default_factory=dict)
+    search: SearchConf = field(default_factory=SearchConf)
     select: dict[str, Any] = field(default_factory=dict)
     group_size: int = 128
     device: str = "auto"
@@ -151,7 +179,25 @@ def to_root(cfg: DictConfig) -> RootConf:
                         ("eval.batch_size", root.eval.batch_size), ("eval.seq_len", root.eval.seq_len),
                         ("eval.drift_positions", root.eval.drift_positions)):
         _check(value > 0, f"{name}={value} is invalid; it must be a positive integer")
+    _check_search(root.search)
     return root
+
+
+def _check_search(s: SearchConf) -> None:
+    _check(s.objective in SEARCH_OBJECTIVES,
+           f"search.objective={s.objective!r} is invalid; valid: {', '.join(SEARCH_OBJECTIVES)}")
+    _check(s.drift_metric in SEARCH_DRIFTS,
+           f"search.drift_metric={s.drift_metric!r} is invalid; valid: {', '.join(SEARCH_DRIFTS)}")
+    _check(not s.relative or s.drift_metric == "accuracy_drop",
+           "search.relative=true needs search.drift_metric=accuracy_drop (a baseline's KL is 0)")
+    _check(s.max_drift >= 0, f"search.max_drift={s.max_drift} is invalid; it must be >= 0")
+    _check(s.n_trials > 0 and s.confirm_top_k >= 0, "search.n_trials must be > 0 and search.confirm_top_k >= 0")
+    _check(len(s.candidates) >= 2, "search.candidates needs at least two schemes, e.g. [none,int8wo]")
+    for pattern in s.groups:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"search.groups: {pattern!r} is not a regex: {err}") from None
 
 
 def _check(ok: bool, message: str) -> None:

@@ -33,6 +33,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("speedup", "x", True, "baseline latency_ms / trial latency_ms, same compile mode and batch"),
     Metric("compile_s", "s", False, "time of the first (compiling) calls; 0 without torch.compile"),
     Metric("quantize_s", "s", False, "time spent in torchao quantize_"),
+    # per-layer search: predicted by the cost model (per-layer microbenchmarks), not measured end to end
+    Metric("predicted_latency_ms", "ms", False,
+           "baseline latency_ms minus the per-layer latency saved, from cached single-layer microbenchmarks"),
+    Metric("predicted_speedup", "x", True, "baseline latency_ms / predicted_latency_ms"),
     # language models (tokens/s)
     Metric("prefill_tok_s", "tokens/s", True,
            "LM: bench.batch_size x eval.seq_len prompt tokens / median time to fill the KV cache"),
