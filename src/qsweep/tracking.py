@@ -12,6 +12,7 @@ from qsweep.metrics import only_metrics
 
 # MLflow's SQLite store logs its schema migrations at INFO on every new store.
 logging.getLogger("alembic").setLevel(logging.WARNING)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Tracker:
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if not found or EXPERIMENT_KIND[0] not in found.tags:
+            # MLflow 3 opens experiments of unknown kind on its GenAI (traces) page; ours are run tables.
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
 
     def find(self, **tags: str) -> list[Any]:
         """Runs of this experiment whose tags equal the given values (newest first)."""
