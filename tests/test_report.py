@@ -7,6 +7,7 @@ import shutil
 
 import matplotlib.image
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -23,6 +24,7 @@ def test_report_writes_table_and_plots(tmp_path, capsys):
     assert main(["select", f"output_dir={tmp_path}", "model=digits_mlp", "experiment=known"]) == 0
     assert main(["report", f"output_dir={tmp_path}", "experiment=known"]) == 0
     directory = tmp_path / "reports" / "known"
+    assert (tmp_path / "mlartifacts" / "known").is_dir()  # artifacts beside the SQLite store, not in the cwd
     table = pd.read_csv(directory / "points.csv").set_index("run")
     # every point but the search's parent: baseline, the grid, the failed run, the search trial
     assert set(table.index) == {"none-max-autotune", *GRID, "int4wo-g32-max-autotune", "trial-3"}
@@ -74,3 +76,13 @@ def test_mlflow_ui_screenshot(tmp_path):
     for png, height in ((experiment, 1000), (compare, 2400)):
         image = matplotlib.image.imread(png)  # 0.7 device scale: CSS pixels x 0.7
         assert image.shape[:2] == (round(height * 0.7), 1120) and image.std() > 0.05  # rendered, not blank
+
+
+def test_sensitivity_long_form_becomes_a_matrix():
+    from qsweep.report import sensitivity_matrix
+
+    long = pd.DataFrame({"group": ["0", "0", "2", "2"], "candidate": ["int8wo", "intxwo_4"] * 2,
+                         "drift": [0.001, 0.006, 0.0005, float("nan")], "status": ["ok", "ok", "ok", "failed"]})
+    matrix = sensitivity_matrix(long)
+    assert matrix.loc["0", "intxwo_4"] == 0.006 and matrix.loc["2", "int8wo"] == 0.0005
+    assert np.isnan(matrix.loc["2"].get("intxwo_4", np.nan))

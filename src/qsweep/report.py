@@ -9,6 +9,7 @@ show on its MLflow page. Selection columns (drift cost, feasible, Pareto) use th
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ from qsweep.config import ConfigError, SelectConf, load_config, mlflow_uri  # no
 from qsweep.select import (  # noqa: E402
     ROLE_TAG,
     Selection,
+    artifact_text,
     experiment_name,
     load_runs,
     pareto_front,
@@ -67,6 +69,7 @@ def write_tables(table: pd.DataFrame, directory: Path) -> list[Path]:
     for column in ("feasible", "pareto", "selected"):
         if column in shown:
             shown[column] = shown[column].map(lambda v: "yes" if v is True or v == 1 else "")
+    shown = shown.astype(object).where(shown.notna(), None)  # tabulate blanks None, not NaN
     md.write_text(shown.to_markdown(index=False, floatfmt=".4g", missingval="") + "\n")
     return [csv, md]
 
@@ -139,7 +142,8 @@ def plot_sensitivity(sensitivity: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_xticks(range(sensitivity.shape[1]), sensitivity.columns, rotation=30, ha="right")
     ax.set_yticks(range(sensitivity.shape[0]), sensitivity.index, fontsize=7)
     for (i, j), value in np.ndenumerate(sensitivity.to_numpy(dtype=float)):
-        ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7, color="tab:cyan")
+        ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.3g}", ha="center", va="center", fontsize=7,
+                color="tab:cyan")  # n/a: the layer cannot take that scheme (e.g. group size)
     fig.colorbar(image, ax=ax, label="drift (layer alone quantized)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -152,13 +156,22 @@ def find_sensitivity(client, frame: pd.DataFrame) -> tuple[pd.DataFrame, str] | 
     """The newest sensitivity table logged by a search (parent runs), with the run's name; None if none."""
     searches = frame[(frame["kind"] == "parent") | (frame["role"] == "search")]
     for row in searches.sort_values("start_time", ascending=False).itertuples():
-        if SENSITIVITY_FILE in {f.path for f in client.list_artifacts(row.run_id)}:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = client.download_artifacts(row.run_id, SENSITIVITY_FILE, tmp)
-                table = pd.read_csv(local, index_col=0)
-                table.index = table.index.astype(str).rename(None)  # FQNs such as "0" are names, not numbers
-                return table, row.run
+        text = artifact_text(client, row.run_id, SENSITIVITY_FILE)
+        if text is not None:
+            return sensitivity_matrix(pd.read_csv(io.StringIO(text), dtype={"group": str})), row.run
     return None
+
+
+def sensitivity_matrix(table: pd.DataFrame) -> pd.DataFrame:
+    """Layers x candidates drift matrix from a sensitivity table: long form (group, candidate, drift[, status])
+    as `qsweep search` writes it, or already wide (first column = layer)."""
+    if {"group", "candidate", "drift"} <= set(table.columns):
+        ok = table[table["status"] == "ok"] if "status" in table else table
+        return ok.pivot_table(index="group", columns="candidate", values="drift", aggfunc="first",
+                              sort=False).rename_axis(index=None, columns=None)
+    wide = table.set_index(table.columns[0])
+    wide.index = wide.index.astype(str).rename(None)  # FQNs such as "0" are names, not numbers
+    return wide
 
 
 def write_html(table: pd.DataFrame, images: list[Path], path: Path, title: str) -> Path:
@@ -257,7 +270,11 @@ def screenshot_ui(uri: str, experiment: str, directory: Path, wait_s: float = 90
                                "--cors-allowed-origins", base], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     runs = urllib.parse.quote(json.dumps(list(points["run_id"][:10])))
-    pages = {"mlflow_experiment.png": (f"#/experiments/{experiment_id}/runs?compareRunsMode=CHART", 1000),
+    # The measured quantized points (not skipped ones, not report/apply runs), fastest first, as metric charts.
+    query = urllib.parse.urlencode({"searchFilter": "tags.status = 'ok' and params.scheme != 'none'",
+                                    "orderByKey": "metrics.`speedup`", "orderByAsc": "false",
+                                    "compareRunsMode": "CHART"}, quote_via=urllib.parse.quote)
+    pages = {"mlflow_experiment.png": (f"#/experiments/{experiment_id}/runs?{query}", 1000),
              "mlflow_compare.png": (f"#/compare-runs?runs={runs}&experiments=%5B%22{experiment_id}%22%5D", 2400)}
     try:
         _wait_for(f"{base}/health", wait_s, server)

@@ -35,6 +35,7 @@ from qsweep.sweep import QUANT_SPEC_FILE, resolve_device, versions
 
 ROLE_TAG = "qsweep.role"
 NOT_POINTS = ("report", "apply")  # roles of runs that are not measurements of a config
+PARENT_ROLES = ("search-study",)  # a search's parent run: a summary, its trials are the points
 KEYS = ("model", "device", "dtype")  # runs are comparable only within one of each
 # Objective -> (column, higher is better); "cost" is the drift cost (lower is better).
 OBJECTIVES = {"speedup": ("speedup", True), "size_ratio": ("size_ratio", True),
@@ -82,7 +83,7 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
         return frame
     frame = frame[~frame["role"].isin(NOT_POINTS)].reset_index(drop=True)
     parents = set(frame["parent_run_id"].dropna())
-    frame.loc[frame["run_id"].isin(parents), "kind"] = "parent"
+    frame.loc[frame["run_id"].isin(parents) | frame["role"].isin(PARENT_ROLES), "kind"] = "parent"
     by_id = frame.set_index("run_id")
     for key in KEYS:  # a search trial may record only what it varies
         missing = frame[key].isna() & frame["parent_run_id"].isin(by_id.index)
@@ -280,11 +281,15 @@ class Recipe:
 
 
 def run_quant_spec(client, run: pd.Series) -> dict:
-    """The plain torchao spec of a run: its quant_spec.json artifact, else rebuilt from its config.yaml."""
-    text = _artifact_text(client, run["run_id"], QUANT_SPEC_FILE)
+    """The plain torchao spec of a run: its quant_spec.json (or a search trial's recipe.json) artifact,
+    else rebuilt from its config.yaml."""
+    text = artifact_text(client, run["run_id"], QUANT_SPEC_FILE)
     if text is not None:
         return json.loads(text)
-    text = _artifact_text(client, run["run_id"], "config.yaml")
+    text = artifact_text(client, run["run_id"], "recipe.json")  # search trials: {"groups": ..., "quant": spec}
+    if text is not None and "quant" in json.loads(text):
+        return json.loads(text)["quant"]
+    text = artifact_text(client, run["run_id"], "config.yaml")
     if text is not None:
         cfg = OmegaConf.create(text)
         spec = schemes.quant_spec(cfg.scheme, cfg.granularity, cfg.group_size)
@@ -294,7 +299,8 @@ def run_quant_spec(client, run: pd.Series) -> dict:
                       "cannot tell its torchao config")
 
 
-def _artifact_text(client, run_id: str, name: str) -> str | None:
+def artifact_text(client, run_id: str, name: str) -> str | None:
+    """The text of one run artifact, or None when the run has no such file."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per tiny file otherwise
     if name not in {f.path for f in client.list_artifacts(run_id)}:
         return None
@@ -311,7 +317,7 @@ def run_context(client, frame: pd.DataFrame, run: pd.Series, root: RootConf) -> 
     for run_id in chain:
         if not isinstance(run_id, str):
             continue
-        text = _artifact_text(client, run_id, "config.yaml")
+        text = artifact_text(client, run_id, "config.yaml")
         if text is not None:
             cfg = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
             return _context(cfg["model"], cfg["eval"], cfg.get("seed", 0))

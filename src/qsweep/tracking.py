@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qsweep.metrics import only_metrics
@@ -32,6 +33,15 @@ class PointRecord:
                 **self.metrics, "reason": self.reason}
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (<dir>/mlartifacts/<experiment>); MLflow's
+    default, ./mlruns under whatever directory the process started in, scatters them into the cwd."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in experiment)
+    return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / safe)
+
+
 class Tracker:
     """A thin MlflowClient wrapper: no global active run, so nothing leaks between points."""
 
@@ -41,7 +51,8 @@ class Tracker:
         self.uri = uri
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=artifact_location(uri, experiment))
         if not found or EXPERIMENT_KIND[0] not in found.tags:
             # MLflow 3 opens experiments of unknown kind on its GenAI (traces) page; ours are run tables.
             self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
