@@ -27,6 +27,10 @@ GROUPS = ("model", "scheme", "granularity", "compile", "bench", "eval", "trackin
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TIMINGS = ("auto", "device", "e2e")
+OBJECTIVES = ("speedup", "size_ratio", "peak_mem_bytes", "drift")
+DRIFT_METRICS = ("auto", "accuracy_drop", "drift_kl", "drift_max_abs", "drift_cosine", "top1_agreement",
+                 "drift_sqnr_db")
+CHECKPOINT_FORMATS = ("auto", "safetensors", "torch")
 
 
 @dataclass
@@ -128,6 +132,28 @@ class SearchConf:
 
 
 @dataclass
+class SelectConf:
+    """`qsweep select/apply/report`: which runs, which constraints, which objective (conf/select/)."""
+
+    experiment: str | None = None  # MLflow experiment to read; null = tracking.experiment
+    name: str | None = None  # recipe name (outputs/recipes/<name>.yaml); null = the experiment's name
+    recipe: str | None = None  # apply: path of the recipe file
+    drift_metric: str = "auto"  # auto: accuracy_drop when the runs have it, else 1 - drift_cosine
+    max_drift: float = 0.01  # upper bound on the drift cost (see drift_metric)
+    relative: bool = False  # accuracy_drop as a fraction of the baseline's task metric
+    objective: str = "speedup"  # speedup | size_ratio | peak_mem_bytes | drift
+    min_speedup: float | None = None
+    max_size_bytes: float | None = None
+    max_mem_bytes: float | None = None
+    model: str | None = None  # keep runs of this model / device / dtype; null = the only one present
+    device: str | None = None
+    dtype: str | None = None
+    drift_tol: float = 0.005  # apply: |re-measured - recorded| allowed on the drift metric
+    size_tol: float = 0.02  # apply: relative difference allowed on size_bytes
+    checkpoint_format: str = "auto"  # auto (safetensors where torchao supports it) | safetensors | torch
+
+
+@dataclass
 class RootConf:
     model: ModelConf = MISSING
     scheme: SchemeConf = MISSING
@@ -137,7 +163,7 @@ class RootConf:
     eval: EvalConf = field(default_factory=EvalConf)
     tracking: TrackingConf = field(default_factory=TrackingConf)
     search: SearchConf = field(default_factory=SearchConf)
-    select: dict[str, Any] = field(default_factory=dict)
+    select: SelectConf = field(default_factory=SelectConf)
     group_size: int = 128
     device: str = "auto"
     dtype: str = "auto"
@@ -180,6 +206,7 @@ def to_root(cfg: DictConfig) -> RootConf:
                         ("eval.drift_positions", root.eval.drift_positions)):
         _check(value > 0, f"{name}={value} is invalid; it must be a positive integer")
     _check_search(root.search)
+    _check_select(root.select)
     return root
 
 
@@ -200,6 +227,16 @@ def _check_search(s: SearchConf) -> None:
             raise ConfigError(f"search.groups: {pattern!r} is not a regex: {err}") from None
 
 
+def _check_select(sel: SelectConf) -> None:
+    _check(sel.objective in OBJECTIVES, f"select.objective={sel.objective!r} is invalid; valid: {', '.join(OBJECTIVES)}")
+    _check(sel.drift_metric in DRIFT_METRICS,
+           f"select.drift_metric={sel.drift_metric!r} is invalid; valid: {', '.join(DRIFT_METRICS)}")
+    _check(sel.checkpoint_format in CHECKPOINT_FORMATS,
+           f"select.checkpoint_format={sel.checkpoint_format!r} is invalid; valid: {', '.join(CHECKPOINT_FORMATS)}")
+    _check(not sel.relative or sel.drift_metric in ("auto", "accuracy_drop"),
+           "select.relative=true applies to drift_metric accuracy_drop (or auto) only")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -208,11 +245,6 @@ def _check(ok: bool, message: str) -> None:
 def first_line(err: BaseException) -> str:
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
-
-
-def artifact_root(root: RootConf, experiment: str) -> str:
-    """Artifacts of new experiments live beside the SQLite store, under output_dir."""
-    return str(Path(root.output_dir) / "mlartifacts" / experiment)
 
 
 def mlflow_uri(root: RootConf) -> str:

@@ -176,6 +176,13 @@ def _accuracy(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype) -> 
     return metrics
 
 
+def accuracy_metrics(spec: TrialSpec, bundle: ModelBundle, model: nn.Module) -> dict[str, float]:
+    """Drift and task metrics of `model` against the baseline outputs at `spec.reference_path`, exactly
+    as a trial records them (a baseline spec writes the reference instead). Used to re-measure a
+    reloaded checkpoint."""
+    return _accuracy(spec, bundle, model, getattr(torch, spec.dtype))
+
+
 def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict) -> dict[str, float]:
     inputs = [_to(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed)]
     if spec.compile_cache_dir:  # read by inductor when it compiles, so setting it here is in time

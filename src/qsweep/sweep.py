@@ -16,13 +16,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from qsweep import schemes
-from qsweep.config import RootConf, artifact_root, mlflow_uri
+from qsweep.config import RootConf, mlflow_uri
 from qsweep.metrics import STATUSES
 from qsweep.runner import TrialResult, TrialSpec, run_isolated, run_trial
 from qsweep.tracking import PointRecord, Tracker
 
 RECORDS_FILE = "records.jsonl"
 PLAN_FILE = "plan.json"
+QUANT_SPEC_FILE = "quant_spec.json"  # run artifact: the plain torchao config spec (grid and search runs)
 TABLE_COLUMNS = ["run", "status", "speedup", "latency_ms", "latency_cv", "size_ratio", "drift_sqnr_db",
                  "drift_cosine", "accuracy_drop", "layers_quantized", "peak_mem_bytes", "reason"]
 
@@ -113,8 +114,7 @@ class Point:
 def run_point(root: RootConf, resolved_yaml: str = "", progress: str = "") -> PointRecord:
     """Decide and do what one grid point needs; every outcome is recorded, nothing raises."""
     point = Point(root, resolved_yaml)
-    tracker = Tracker(mlflow_uri(root), root.tracking.experiment,
-                      artifact_root(root, root.tracking.experiment))
+    tracker = Tracker(mlflow_uri(root), root.tracking.experiment)
     record = _decide(point, tracker)
     print(f"{progress}{record.run_name}: {_one_liner(record)}", flush=True)
     return record
@@ -198,8 +198,8 @@ def _run(point: Point, quant: dict | None, reference: Path, is_baseline: bool) -
 def _record(point: Point, tracker: Tracker, status: str, reason: str, metrics: dict[str, float],
             result: TrialResult | None = None, extra_tags: dict[str, str] | None = None) -> PointRecord:
     texts = {"config.yaml": point.resolved_yaml} if point.resolved_yaml else {}
-    if point.quant is not None:
-        texts["quant_spec.json"] = json.dumps(point.quant, indent=1)  # the recipe: rebuildable by schemes.build
+    if point.quant is not None:  # the torchao config as plain data: what `qsweep select` exports
+        texts[QUANT_SPEC_FILE] = json.dumps(point.quant, indent=1)
     tags = {**point.tags(), **(extra_tags or {})}
     if result is not None:
         texts["trial_info.json"] = json.dumps(result.info, indent=1, default=str)

@@ -13,6 +13,7 @@ from qsweep.metrics import only_metrics
 
 # MLflow's SQLite store logs its schema migrations at INFO on every new store.
 logging.getLogger("alembic").setLevel(logging.WARNING)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 @dataclass
@@ -32,24 +33,29 @@ class PointRecord:
                 **self.metrics, "reason": self.reason}
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (<dir>/mlartifacts/<experiment>); MLflow's
+    default, ./mlruns under whatever directory the process started in, scatters them into the cwd."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in experiment)
+    return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / safe)
+
+
 class Tracker:
     """A thin MlflowClient wrapper: no global active run, so nothing leaks between points."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
-        """Args:
-            artifact_root: where a new experiment keeps its artifacts; MLflow's default is ./mlruns
-                in the current directory, wherever the store is.
-        """
+    def __init__(self, uri: str, experiment: str):
         import mlflow
 
         self.uri = uri
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        if found:
-            self.experiment_id = found.experiment_id
-        else:
-            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=artifact_location(uri, experiment))
+        if not found or EXPERIMENT_KIND[0] not in found.tags:
+            # MLflow 3 opens experiments of unknown kind on its GenAI (traces) page; ours are run tables.
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
 
     def find(self, **tags: str) -> list[Any]:
         """Runs of this experiment whose tags equal the given values (newest first)."""

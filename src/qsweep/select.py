@@ -1,0 +1,627 @@
+"""Pick the configuration to ship from the tracked runs, export it as a recipe file, apply and verify it.
+
+    qsweep select experiment=<name> select.max_drift=0.01 select.objective=speedup   -> recipes/<name>.yaml
+    qsweep apply recipe=<output_dir>/recipes/<name>.yaml                            -> checkpoints/<name>/
+
+Selection reads every run of one MLflow experiment (grid points and per-layer search trials alike),
+keeps the measured ones (`status=ok`) of one model/device/dtype, applies the constraints, marks the
+Pareto front over speedup, size, memory and drift, and picks by the objective. A recipe is data: the
+torchao config as a plain spec built only from torchao.quantization classes (`schemes.build`), and a
+model builder only from qsweep.models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from qsweep import schemes
+from qsweep.config import ConfigError, RootConf, SelectConf, load_config, mlflow_uri
+from qsweep.metrics import BY_NAME, METRICS
+from qsweep.sweep import QUANT_SPEC_FILE, resolve_device, versions
+
+ROLE_TAG = "qsweep.role"
+NOT_POINTS = ("report", "apply")  # roles of runs that are not measurements of a config
+PARENT_ROLES = ("search-study",)  # a search's parent run: a summary, its trials are the points
+KEYS = ("model", "device", "dtype")  # runs are comparable only within one of each
+# Objective -> (column, higher is better); "cost" is the drift cost (lower is better).
+OBJECTIVES = {"speedup": ("speedup", True), "size_ratio": ("size_ratio", True),
+              "peak_mem_bytes": ("peak_mem_bytes", False), "drift": ("cost", False)}
+PARETO_DIMS = {"speedup": True, "size_ratio": True, "peak_mem_bytes": False, "cost": False}
+# Higher-is-better drift metrics become a cost (lower is better) this way.
+AS_COST = {"drift_cosine": ("1 - drift_cosine", lambda v: 1 - v),
+           "top1_agreement": ("1 - top1_agreement", lambda v: 1 - v),
+           "drift_sqnr_db": ("-drift_sqnr_db (dB)", lambda v: -v)}
+BUILDER_MODULE = "qsweep.models."
+SHORTHANDS = {"experiment": "select.experiment", "recipe": "select.recipe", "name": "select.name"}
+
+
+# ---------------------------------------------------------------- runs
+
+def select_overrides(args: list[str]) -> list[str]:
+    """Accept `experiment=`, `recipe=` and `name=` as shorthands for the select.* keys."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        out.append(f"{SHORTHANDS[key]}={value}" if eq and key in SHORTHANDS else arg)
+    return out
+
+
+def experiment_name(root: RootConf) -> str:
+    return root.select.experiment or root.tracking.experiment
+
+
+def load_runs(uri: str, experiment: str) -> pd.DataFrame:
+    """Every run of an experiment as one row: ids, kind (baseline|grid|search|parent), tags, params, metrics.
+
+    Missing metrics are NaN, so callers can use any schema metric as a column. Search trials that do
+    not carry model/device/dtype params inherit them from their parent run.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ConfigError(f"no MLflow experiment {experiment!r} in {uri}; existing: {', '.join(names) or 'none'}")
+    rows = [_row(run) for run in _all_runs(client, found.experiment_id)]
+    frame = pd.DataFrame(rows, columns=_columns(rows))
+    if frame.empty:
+        return frame
+    frame = frame[~frame["role"].isin(NOT_POINTS)].reset_index(drop=True)
+    parents = set(frame["parent_run_id"].dropna())
+    frame.loc[frame["run_id"].isin(parents) | frame["role"].isin(PARENT_ROLES), "kind"] = "parent"
+    by_id = frame.set_index("run_id")
+    for key in KEYS:  # a search trial may record only what it varies
+        missing = frame[key].isna() & frame["parent_run_id"].isin(by_id.index)
+        frame.loc[missing, key] = frame.loc[missing, "parent_run_id"].map(by_id[key])
+    return frame
+
+
+def _all_runs(client, experiment_id: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _row(run: Any) -> dict[str, Any]:
+    tags = run.data.tags
+    role = tags.get(ROLE_TAG)
+    parent = tags.get("mlflow.parentRunId")
+    kind = "baseline" if role == "baseline" else "search" if parent else "grid"
+    return {"run_id": run.info.run_id, "run": tags.get("mlflow.runName", run.info.run_id), "kind": kind,
+            "status": tags.get("status", "?"), "reason": tags.get("reason", ""), "role": role,
+            "parent_run_id": parent, "selected": tags.get("selected") == "true",
+            "start_time": run.info.start_time, "model": tags.get("model"),
+            **run.data.params, **run.data.metrics}
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    base = ["run_id", "run", "kind", "status", "reason", "role", "parent_run_id", "selected", "start_time", *KEYS]
+    extra = sorted({k for row in rows for k in row} - set(base) - set(BY_NAME))
+    return base + extra + [m.name for m in METRICS]
+
+
+# ---------------------------------------------------------------- selection
+
+@dataclass
+class Selection:
+    """The outcome of `select`: the chosen row and the candidate table it was chosen from."""
+
+    run: pd.Series
+    feasible: bool
+    drift_metric: str  # the schema metric the cost comes from
+    cost_label: str  # how the cost is computed, e.g. "accuracy_drop" or "1 - drift_cosine"
+    table: pd.DataFrame  # candidates with cost, feasible, violation, pareto
+    violations: list[str] = field(default_factory=list)  # why the pick is infeasible (best effort)
+
+
+def resolve_drift_metric(frame: pd.DataFrame, sel: SelectConf) -> str:
+    """The drift metric to use: the configured one, or accuracy_drop when runs have it, else drift_cosine."""
+    if sel.drift_metric != "auto":
+        return sel.drift_metric
+    return "accuracy_drop" if frame["accuracy_drop"].notna().any() else "drift_cosine"
+
+
+def drift_cost(frame: pd.DataFrame, metric: str, relative: bool) -> tuple[pd.Series, str]:
+    """The drift cost of each row (lower is better) and a label saying how it is computed.
+
+    relative=true turns an absolute accuracy_drop into a fraction of the baseline's task metric
+    (0.01 = 1% of the baseline's accuracy); a relative one (perplexity increase) stays as it is.
+    """
+    values = frame[metric].astype(float)
+    if metric in AS_COST:
+        label, fn = AS_COST[metric]
+        return fn(values), label
+    if not relative:
+        return values, metric
+    if metric != "accuracy_drop":
+        raise ConfigError("select.relative=true applies to drift_metric accuracy_drop (or auto) only")
+    delta = frame["task_metric_delta"].astype(float)
+    baseline = frame["task_metric"].astype(float) - delta
+    absolute = np.isclose(values, -delta)  # higher-is-better task: accuracy_drop = baseline - trial
+    cost = values.where(~absolute, values / baseline).where(delta.notna())
+    return cost, "accuracy_drop / baseline task_metric"
+
+
+def candidates(frame: pd.DataFrame, sel: SelectConf) -> pd.DataFrame:
+    """Measured quantized configs (`status=ok` grid points and search trials) of one model/device/dtype."""
+    rows = frame[(frame["status"] == "ok") & frame["kind"].isin(["grid", "search"])]
+    for key in KEYS:
+        wanted = getattr(sel, key)
+        if wanted is not None:
+            rows = rows[rows[key] == wanted]
+    groups = rows[list(KEYS)].drop_duplicates()
+    if len(groups) > 1:
+        listed = "; ".join("/".join(str(v) for v in g) for g in groups.itertuples(index=False))
+        raise ConfigError(f"runs of several model/device/dtype: {listed}; "
+                          "choose one with select.model=, select.device=, select.dtype=")
+    if rows.empty:
+        raise ConfigError("no measured (status=ok) quantized runs to select from"
+                          + ("" if frame.empty else f" among {len(frame)} runs") + "; run a sweep first")
+    return rows.copy()
+
+
+def apply_constraints(rows: pd.DataFrame, sel: SelectConf) -> pd.DataFrame:
+    """Add `feasible` and `violation` (sum of relative excesses over each limit; 0 when feasible)."""
+    rows = rows.copy()
+    limits = _limits(sel)
+    violation = pd.Series(0.0, index=rows.index)
+    for column, limit, upper in limits:
+        value = rows[column].astype(float)
+        excess = (value - limit) if upper else (limit - value)
+        violation += (excess.clip(lower=0) / max(abs(limit), 1e-12)).fillna(math.inf)
+    rows["violation"] = violation
+    rows["feasible"] = violation == 0
+    return rows
+
+
+def _limits(sel: SelectConf) -> list[tuple[str, float, bool]]:
+    """(column, limit, is an upper bound) for each active constraint."""
+    limits = [("cost", sel.max_drift, True)]
+    if sel.min_speedup is not None:
+        limits.append(("speedup", sel.min_speedup, False))
+    if sel.max_size_bytes is not None:
+        limits.append(("size_bytes", sel.max_size_bytes, True))
+    if sel.max_mem_bytes is not None:
+        limits.append(("peak_mem_bytes", sel.max_mem_bytes, True))
+    return limits
+
+
+def pareto_front(rows: pd.DataFrame, dims: dict[str, bool] | None = None) -> pd.Series:
+    """True for rows no other row dominates (at least as good in every dim, better in one).
+
+    dims: column -> higher is better. A missing value counts as the worst.
+    """
+    dims = dims or PARETO_DIMS
+    scores = np.column_stack([_as_score(rows[c], up) for c, up in dims.items()]) if len(rows) else np.empty((0, 0))
+    front = []
+    for i in range(len(scores)):
+        dominated = np.any(np.all(scores >= scores[i], axis=1) & np.any(scores > scores[i], axis=1))
+        front.append(not dominated)
+    return pd.Series(front, index=rows.index, dtype=bool)
+
+
+def _as_score(column: pd.Series, higher_is_better: bool) -> np.ndarray:
+    values = column.astype(float).to_numpy()
+    values = values if higher_is_better else -values
+    return np.nan_to_num(values, nan=-np.inf)
+
+
+def rank(rows: pd.DataFrame, objective: str) -> pd.DataFrame:
+    """Rows best first: the objective, then drift cost, speedup, size ratio and memory as tie-breaks."""
+    order = [OBJECTIVES[objective]] + [(c, up) for c, up in PARETO_DIMS.items() if c != OBJECTIVES[objective][0]]
+    keys = pd.DataFrame({f"k{i}": -_as_score(rows[c], up) for i, (c, up) in enumerate(order)}, index=rows.index)
+    return rows.loc[keys.sort_values(list(keys.columns), kind="stable").index]
+
+
+def select(frame: pd.DataFrame, sel: SelectConf) -> Selection:
+    """Choose a run: the best feasible one by the objective, else the least infeasible (best effort)."""
+    rows = candidates(frame, sel)
+    metric = resolve_drift_metric(rows, sel)
+    rows["cost"], label = drift_cost(rows, metric, sel.relative)
+    rows = rows[rows["cost"].notna()]
+    if rows.empty:
+        raise ConfigError(f"no measured run has {metric}; choose another select.drift_metric")
+    rows = apply_constraints(rows, sel)
+    rows["pareto"] = pareto_front(rows)
+    feasible = rows[rows["feasible"]]
+    if not feasible.empty:
+        return Selection(rank(feasible, sel.objective).iloc[0], True, metric, label, rows)
+    least = rows[rows["violation"] == rows["violation"].min()]
+    best = rank(least, sel.objective).iloc[0]
+    return Selection(best, False, metric, label, rows, _violations(best, sel, label))
+
+
+def _violations(row: pd.Series, sel: SelectConf, label: str) -> list[str]:
+    out = []
+    for column, limit, upper in _limits(sel):
+        value = float(row[column])
+        if math.isnan(value) or (value > limit if upper else value < limit):
+            name = label if column == "cost" else column
+            out.append(f"{name} {value:.4g} {'>' if upper else '<'} {limit:g}")
+    return out
+
+
+# ---------------------------------------------------------------- recipes
+
+@dataclass
+class Recipe:
+    """What to ship: the torchao config (plain spec) and the model it was measured on, with provenance."""
+
+    name: str
+    quant: dict  # uniform spec, or {"_target_": "torchao.quantization.FqnToConfig", "fqn_to_config": {...}}
+    model: dict  # {name, builder: {_target_: qsweep.models.<fn>, ...}, quantize_filter}
+    dtype: str
+    eval: dict  # {n_samples, batch_size, seed}: how the recorded drift was measured
+    metrics: dict[str, float]
+    selection: dict  # constraints, objective, drift metric, feasible, counts
+    source: dict  # {experiment, run_id, run_name, kind}
+    hardware: dict  # {device, device_name}
+    versions: dict
+    created: str
+
+
+def run_quant_spec(client, run: pd.Series) -> dict:
+    """The plain torchao spec of a run: its quant_spec.json (or a search trial's recipe.json) artifact,
+    else rebuilt from its config.yaml."""
+    text = artifact_text(client, run["run_id"], QUANT_SPEC_FILE)
+    if text is not None:
+        return json.loads(text)
+    text = artifact_text(client, run["run_id"], "recipe.json")  # search trials: {"groups": ..., "quant": spec}
+    if text is not None and "quant" in json.loads(text):
+        return json.loads(text)["quant"]
+    text = artifact_text(client, run["run_id"], "config.yaml")
+    if text is not None:
+        cfg = OmegaConf.create(text)
+        spec = schemes.quant_spec(cfg.scheme, cfg.granularity, cfg.group_size)
+        if spec is not None:
+            return spec
+    raise ConfigError(f"run {run['run']} ({run['run_id']}) has neither {QUANT_SPEC_FILE} nor config.yaml; "
+                      "cannot tell its torchao config")
+
+
+def artifact_text(client, run_id: str, name: str) -> str | None:
+    """The text of one run artifact, or None when the run has no such file."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per tiny file otherwise
+    if name not in {f.path for f in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(run_id, name, tmp)).read_text()
+
+
+def run_context(client, frame: pd.DataFrame, run: pd.Series, root: RootConf) -> tuple[dict, dict]:
+    """(model, eval) a run was measured with: from the config.yaml of the run, its parent or another run
+    of the same model (the baseline), else from the composed config when it names the same model."""
+    chain = [run["run_id"], run["parent_run_id"]]
+    same_model = frame[(frame["model"] == run["model"]) & (frame["run_id"] != run["run_id"])]
+    chain += list(same_model.sort_values("kind")["run_id"])  # "baseline" sorts first
+    for run_id in chain:
+        if not isinstance(run_id, str):
+            continue
+        text = artifact_text(client, run_id, "config.yaml")
+        if text is not None:
+            cfg = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+            return _context(cfg["model"], cfg["eval"], cfg.get("seed", 0))
+    if root.model.name == run["model"]:
+        return _context(asdict(root.model), asdict(root.eval), root.seed)
+    raise ConfigError(f"no config.yaml recorded for model {run['model']!r}; pass model={run['model']} "
+                      "so the recipe can name its builder")
+
+
+def _context(model: dict, evaluation: dict, seed: int) -> tuple[dict, dict]:
+    return ({"name": model["name"], "builder": dict(model["builder"]),
+             "quantize_filter": model.get("quantize_filter")},
+            {"n_samples": evaluation["n_samples"], "batch_size": evaluation["batch_size"], "seed": seed})
+
+
+def build_recipe(selection: Selection, sel: SelectConf, experiment: str, quant: dict, model: dict,
+                 evaluation: dict, name: str) -> Recipe:
+    """A recipe from a selection (pure: no I/O)."""
+    run = selection.run
+    metrics = {m.name: float(run[m.name]) for m in METRICS if pd.notna(run.get(m.name))}
+    table = selection.table
+    choice = {"drift_metric": selection.drift_metric, "cost": float(run["cost"]), "cost_label": selection.cost_label,
+              "max_drift": sel.max_drift, "relative": sel.relative, "objective": sel.objective,
+              "min_speedup": sel.min_speedup, "max_size_bytes": sel.max_size_bytes,
+              "max_mem_bytes": sel.max_mem_bytes, "feasible": selection.feasible,
+              "violations": selection.violations, "candidates": len(table),
+              "feasible_candidates": int(table["feasible"].sum()), "pareto_candidates": int(table["pareto"].sum())}
+    return Recipe(
+        name=name, quant=quant, model=model, dtype=str(run["dtype"]), eval=evaluation, metrics=metrics,
+        selection=choice,
+        source={"experiment": experiment, "run_id": run["run_id"], "run_name": run["run"], "kind": run["kind"]},
+        hardware={"device": str(run["device"]), "device_name": str(run.get("device_name", ""))},
+        versions={"torch": str(run.get("torch", "")), "torchao": str(run.get("torchao", ""))},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def export_recipe(recipe: Recipe, path: Path) -> Path:
+    """Write a recipe as readable YAML (block style, keys in a fixed order)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# qsweep recipe: {recipe.source['run_name']} from experiment {recipe.source['experiment']}\n"
+              f"# apply: qsweep apply recipe={path}\n")
+    path.write_text(header + yaml.safe_dump(asdict(recipe), sort_keys=False, default_flow_style=False))
+    return path
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and check a recipe. Only torchao.quantization classes and qsweep.models builders are allowed;
+    anything else raises ConfigError (a recipe is data, never code to run)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"recipe {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text())
+    keys = [f.name for f in Recipe.__dataclass_fields__.values()]
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ConfigError(f"recipe {path} lacks {', '.join(missing)}")
+    recipe = Recipe(**{k: data[k] for k in keys})
+    schemes.build(recipe.quant)  # raises ConfigError on a class outside torchao.quantization
+    _check_builder(recipe.model.get("builder"))
+    return recipe
+
+
+def _check_builder(builder: Any) -> None:
+    target = builder.get("_target_", "") if isinstance(builder, dict) else ""
+    if not re.fullmatch(re.escape(BUILDER_MODULE) + r"[a-z_]\w*", target):
+        raise ConfigError(f"refusing model builder {target!r}: recipes may only name functions in {BUILDER_MODULE}*")
+
+
+def recipe_name(text: str) -> str:
+    """A safe file name from an experiment or user-given name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "recipe"
+
+
+def mark_selected(client, experiment: str, run_id: str, feasible: bool, recipe_path: Path) -> None:
+    """Tag the chosen run selected=true (clearing an earlier choice in the experiment)."""
+    found = client.get_experiment_by_name(experiment)
+    for old in client.search_runs([found.experiment_id], filter_string="tags.selected = 'true'"):
+        if old.info.run_id != run_id:
+            client.delete_tag(old.info.run_id, "selected")
+    client.set_tag(run_id, "selected", "true")
+    client.set_tag(run_id, "selected.feasible", str(feasible).lower())
+    client.set_tag(run_id, "selected.recipe", str(recipe_path))
+
+
+# ---------------------------------------------------------------- apply and verify
+
+@dataclass
+class Applied:
+    checkpoint: Path
+    fmt: str  # "safetensors" | "torch"
+    metrics: dict[str, float]  # re-measured on the reloaded model
+    verification: dict[str, Any]
+
+
+def apply_recipe(recipe: Recipe, device: str, directory: Path, sel: SelectConf | None = None) -> Applied:
+    """Quantize the recipe's model, save the checkpoint, reload it into a fresh model and re-measure it.
+
+    The reloaded model is compared with the in-memory quantized one (outputs must match exactly) and
+    its drift and size with the recipe's recorded metrics, within sel.drift_tol and sel.size_tol.
+    """
+    from qsweep.models import build_model
+    from qsweep.runner import quantizable_layers, quantize
+
+    dtype = getattr(torch, recipe.dtype)
+    bundle = build_model(recipe.model["builder"], recipe.eval["seed"])
+    model = bundle.model.to(dtype).to(device)
+    quantize(model, recipe.quant, quantizable_layers(model, recipe.model.get("quantize_filter")))
+    sel = sel or SelectConf()
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint, fmt = save_checkpoint(model.state_dict(), directory, sel.checkpoint_format)
+
+    fresh = build_model(recipe.model["builder"], recipe.eval["seed"])
+    fresh.model = fresh.model.to(dtype).to(device)
+    fresh.model.load_state_dict(load_checkpoint(checkpoint, device), assign=True)
+    metrics = remeasure(recipe, fresh, device)
+    metrics["size_bytes"] = _saved_size(fresh.model)
+    inputs = fresh.make_inputs(recipe.eval["batch_size"], recipe.eval["seed"] + 1)
+    reload_diff = _max_diff(model, fresh.model, inputs, device, dtype)
+    return Applied(checkpoint, fmt, metrics, verify(recipe, metrics, reload_diff, sel))
+
+
+def save_checkpoint(state_dict: dict, directory: Path, fmt: str = "auto") -> tuple[Path, str]:
+    """Save a quantized state_dict: safetensors through torchao's flatten helper where it supports every
+    tensor type (fmt=auto|safetensors), else torch.save (fmt=auto|torch). Returns (path, format)."""
+    if fmt in ("auto", "safetensors"):
+        from safetensors.torch import save_file
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        try:
+            tensors, metadata = flatten_tensor_state_dict(state_dict)
+        except ValueError as err:  # a tensor subclass torchao cannot flatten yet
+            if fmt == "safetensors":
+                raise ConfigError(f"safetensors cannot hold this checkpoint: {err}") from None
+        else:
+            path = directory / "model.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+            return path, "safetensors"
+    path = directory / "model.pt"
+    torch.save(state_dict, path)
+    return path, "torch"
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> dict:
+    """The state_dict of a checkpoint written by save_checkpoint (tensor subclasses rebuilt, weights only)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        state, leftover = unflatten_tensor_state_dict(load_file(str(path), device=device), metadata)
+        if leftover:
+            raise ValueError(f"{path}: tensors without metadata: {sorted(leftover)[:5]}")
+        return state
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def remeasure(recipe: Recipe, bundle, device: str) -> dict[str, float]:
+    """Drift and task metrics of a model vs a freshly built baseline, with the recipe's eval settings."""
+    from qsweep.models import build_model
+    from qsweep.runner import TrialSpec, accuracy_metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = TrialSpec(model_builder=recipe.model["builder"], quant=None, device=device, dtype=recipe.dtype,
+                         batch_size=recipe.eval["batch_size"], eval_samples=recipe.eval["n_samples"],
+                         eval_batch_size=recipe.eval["batch_size"], seed=recipe.eval["seed"],
+                         reference_path=str(Path(tmp) / "reference.pt"), is_baseline=True)
+        base = build_model(recipe.model["builder"], recipe.eval["seed"])
+        base.model = base.model.to(getattr(torch, recipe.dtype)).to(device)
+        accuracy_metrics(spec, base, base.model)
+        spec.is_baseline = False
+        return accuracy_metrics(spec, bundle, bundle.model)
+
+
+def _saved_size(model: torch.nn.Module) -> float:
+    from qsweep.measure import saved_size
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return float(saved_size(model.state_dict(), Path(tmp) / "model.pt"))
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module, inputs, device: str, dtype) -> float:
+    moved = [t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in inputs]
+    with torch.inference_mode():
+        out_a, out_b = a(*moved), b(*moved)
+    out_a, out_b = (getattr(o, "logits", o) for o in (out_a, out_b))
+    return (out_a.float() - out_b.float()).abs().max().item()
+
+
+def verify(recipe: Recipe, metrics: dict[str, float], reload_diff: float, sel: SelectConf | None = None) -> dict:
+    """Compare re-measured metrics with the recorded ones: drift cost within drift_tol, size within size_tol,
+    and the reloaded model's outputs identical to the quantized model's."""
+    sel = sel or SelectConf()
+    metric, relative = recipe.selection["drift_metric"], recipe.selection["relative"]
+    recorded = drift_cost(pd.DataFrame([_with_schema(recipe.metrics)]), metric, relative)[0].iloc[0]
+    measured = drift_cost(pd.DataFrame([_with_schema(metrics)]), metric, relative)[0].iloc[0]
+    size_rec, size_new = recipe.metrics.get("size_bytes", math.nan), metrics.get("size_bytes", math.nan)
+    size_rel = abs(size_new - size_rec) / size_rec if size_rec else math.nan
+    checks = {
+        "drift": {"metric": recipe.selection["cost_label"], "recorded": float(recorded), "measured": float(measured),
+                  "abs_diff": float(abs(measured - recorded)), "tolerance": sel.drift_tol,
+                  "ok": bool(abs(measured - recorded) <= sel.drift_tol)},
+        "size_bytes": {"recorded": size_rec, "measured": size_new, "rel_diff": size_rel, "tolerance": sel.size_tol,
+                       "ok": bool(size_rel <= sel.size_tol)},
+        "reload": {"max_abs_output_diff": reload_diff, "ok": reload_diff == 0.0},
+    }
+    info = {k: {"recorded": recipe.metrics.get(k), "measured": metrics.get(k)}
+            for k in ("drift_sqnr_db", "drift_cosine", "task_metric") if k in metrics}
+    return {"ok": all(c["ok"] for c in checks.values()), **checks, "info": info}
+
+
+def _with_schema(values: dict[str, float]) -> dict[str, float]:
+    return {m.name: values.get(m.name, math.nan) for m in METRICS}
+
+
+# ---------------------------------------------------------------- commands
+
+def select_command(args: list[str]) -> int:
+    """`qsweep select experiment=<name> select.max_drift=0.01 select.objective=speedup`."""
+    import mlflow
+
+    root, _ = load_config(select_overrides(args))
+    sel, experiment, uri = root.select, experiment_name(root), mlflow_uri(root)
+    frame = load_runs(uri, experiment)
+    selection = select(frame, sel)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    quant = run_quant_spec(client, selection.run)
+    model, evaluation = run_context(client, frame, selection.run, root)
+    name = recipe_name(sel.name or experiment)
+    recipe = build_recipe(selection, sel, experiment, quant, model, evaluation, name)
+    path = export_recipe(recipe, Path(root.output_dir) / "recipes" / f"{name}.yaml")
+    mark_selected(client, experiment, selection.run["run_id"], selection.feasible, path)
+    print(describe_selection(selection, sel))
+    print(f"recipe: {path}")
+    return 0
+
+
+def describe_selection(selection: Selection, sel: SelectConf) -> str:
+    """The selection in a few lines: constraints, counts, the front and the pick."""
+    table, run = selection.table, selection.run
+    limits = ", ".join(f"{selection.cost_label if c == 'cost' else c} {'<=' if up else '>='} {v:g}"
+                       for c, v, up in _limits(sel))
+    lines = [f"{len(table)} candidates, {int(table['feasible'].sum())} meet {limits}, "
+             f"{int(table['pareto'].sum())} on the Pareto front (speedup, size_ratio, peak_mem_bytes, drift)"]
+    front = rank(table[table["pareto"]], sel.objective)
+    shown = front[["run", "kind", "speedup", "size_ratio", "peak_mem_bytes", "cost", "feasible"]]
+    lines.append(shown.rename(columns={"cost": selection.cost_label}).to_string(index=False, float_format="{:.4g}".format))
+    summary = (f"{run['run']} (run {run['run_id'][:8]}): speedup {run['speedup']:.3g}x, size_ratio "
+               f"{run['size_ratio']:.3g}x, {selection.cost_label} {run['cost']:.4g}")
+    if selection.feasible:
+        lines.append(f"selected by {sel.objective}: {summary}")
+    else:
+        lines.append(f"NO RUN MEETS THE CONSTRAINTS. Best effort (least violation): {summary}; "
+                     f"violates {'; '.join(selection.violations)}")
+    if run["speedup"] < 1:
+        lines.append("note: the selected config is slower than the unquantized baseline on this device")
+    return "\n".join(lines)
+
+
+def apply_command(args: list[str]) -> int:
+    """`qsweep apply recipe=<path> [model=<name>]`: quantize, save, reload, verify, log to MLflow."""
+    from qsweep.tracking import Tracker
+
+    root, _ = load_config(select_overrides(args))
+    if not root.select.recipe:
+        raise ConfigError("qsweep apply needs recipe=<path of a recipe file>")
+    recipe = load_recipe(root.select.recipe)
+    if any(a.startswith("model=") for a in args):  # apply to another model config of the same name
+        recipe.model = {"name": root.model.name, "builder": dict(root.model.builder),
+                        "quantize_filter": root.model.quantize_filter}
+        _check_builder(recipe.model["builder"])
+    if not recipe.selection.get("feasible", True):
+        print("warning: this recipe is a best-effort pick that violates the selection constraints")
+    device = resolve_device(root)
+    directory = Path(root.output_dir) / "checkpoints" / recipe.name
+    applied = apply_recipe(recipe, device, directory, root.select)
+    (directory / "recipe.yaml").write_text(Path(root.select.recipe).read_text())
+    (directory / "verification.json").write_text(json.dumps(applied.verification, indent=1))
+    tracker = Tracker(mlflow_uri(root), recipe.source["experiment"])
+    tracker.record(f"apply-{recipe.name}", "ok", "", _apply_params(recipe, applied, device),
+                   applied.metrics, {ROLE_TAG: "apply", "model": recipe.model["name"],
+                                     "verified": str(applied.verification["ok"]).lower()},
+                   {"recipe.yaml": Path(root.select.recipe).read_text(),
+                    "verification.json": json.dumps(applied.verification, indent=1)})
+    print(describe_verification(applied))
+    return 0 if applied.verification["ok"] else 1
+
+
+def _apply_params(recipe: Recipe, applied: Applied, device: str) -> dict[str, Any]:
+    return {"recipe": recipe.name, "source_run_id": recipe.source["run_id"], "source_run": recipe.source["run_name"],
+            "model": recipe.model["name"], "device": device, "dtype": recipe.dtype,
+            "checkpoint": str(applied.checkpoint), "checkpoint_format": applied.fmt, **versions()}
+
+
+def describe_verification(applied: Applied) -> str:
+    v = applied.verification
+    drift, size = v["drift"], v["size_bytes"]
+    return "\n".join([
+        f"checkpoint: {applied.checkpoint} ({applied.fmt}, {applied.checkpoint.stat().st_size} bytes)",
+        f"drift {drift['metric']}: recorded {drift['recorded']:.5g}, re-measured {drift['measured']:.5g} "
+        f"(|diff| {drift['abs_diff']:.2g} <= {drift['tolerance']:g}: {drift['ok']})",
+        f"size_bytes: recorded {size['recorded']:.0f}, re-measured {size['measured']:.0f} "
+        f"(rel diff {size['rel_diff']:.2%} <= {size['tolerance']:.0%}: {size['ok']})",
+        f"reloaded vs quantized outputs: max |diff| {v['reload']['max_abs_output_diff']:.3g}",
+        "verified" if v["ok"] else "VERIFICATION FAILED",
+    ])
