@@ -180,3 +180,11 @@ def saved_size(state_dict: dict, path: Path) -> int:
     """Bytes on disk of `torch.save(state_dict)`."""
     torch.save(state_dict, path)
     return path.stat().st_size
+
+
+def model_size_bytes(model: torch.nn.Module) -> int:
+    """Bytes on disk of the model's state_dict saved with torch.save (written to a temp dir)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return saved_size(model.state_dict(), Path(tmp) / "model.pt")

@@ -13,7 +13,6 @@ import math
 import multiprocessing as mp
 import os
 import re
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -100,8 +99,7 @@ def _measure(spec: TrialSpec) -> TrialResult:
     else:
         metrics["weights_mem_bytes"] = measure.tensor_bytes(model.state_dict())
 
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics["size_bytes"] = measure.saved_size(model.state_dict(), Path(tmp) / "model.pt")
+    metrics["size_bytes"] = measure.model_size_bytes(model)
 
     metrics.update(_accuracy(spec, bundle, model, dtype))
     metrics.update(_speed(spec, bundle, model, dtype, info))
@@ -125,17 +123,18 @@ def quantize(model: nn.Module, quant: dict, candidates: dict[str, nn.Linear]) ->
     if quant["_target_"].endswith("FqnToConfig"):
         quantize_(model, config, filter_fn=None)
         return
-    group = _group_size(quant)
+    group = group_size_of(quant)
     chosen = {id(m) for m in candidates.values() if not group or m.in_features % group == 0}
     quantize_(model, config, filter_fn=lambda module, fqn: id(module) in chosen)
 
 
-def _group_size(spec: Any) -> int | None:
+def group_size_of(spec: Any) -> int | None:
+    """The group size a torchao config spec uses (searched through nested granularities), or None."""
     if isinstance(spec, dict):
         if isinstance(spec.get("group_size"), int):
             return spec["group_size"]
         for value in spec.values():
-            found = _group_size(value)
+            found = group_size_of(value)
             if found:
                 return found
     return None
@@ -150,7 +149,7 @@ def _eval_outputs(model: nn.Module, bundle: ModelBundle, inputs: tuple[torch.Ten
     outs = []
     with torch.inference_mode():
         for start in range(0, inputs[0].shape[0], spec.eval_batch_size):
-            chunk = tuple(_to(t[start:start + spec.eval_batch_size], spec.device, dtype) for t in inputs)
+            chunk = tuple(to_device(t[start:start + spec.eval_batch_size], spec.device, dtype) for t in inputs)
             out = bundle.drift_outputs(model, chunk) if bundle.drift_outputs else model(*chunk)
             outs.append((out.logits if hasattr(out, "logits") else out).float().cpu())
     return torch.cat(outs)
@@ -184,7 +183,7 @@ def accuracy_metrics(spec: TrialSpec, bundle: ModelBundle, model: nn.Module) -> 
 
 
 def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict) -> dict[str, float]:
-    inputs = [_to(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed)]
+    inputs = [to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed)]
     if spec.compile_cache_dir:  # read by inductor when it compiles, so setting it here is in time
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(spec.compile_cache_dir).resolve())
     runnable = torch.compile(model, mode=spec.compile_mode) if spec.compile_mode else model
@@ -230,7 +229,8 @@ def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: 
     return metrics
 
 
-def _to(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Move an input; only floating-point tensors take the model's dtype (token ids stay integers)."""
     return t.to(device, dtype) if t.is_floating_point() else t.to(device)
 
 

@@ -20,7 +20,6 @@ import itertools
 import json
 import math
 import re
-import tempfile
 import time
 import traceback
 import warnings
@@ -36,7 +35,7 @@ from qsweep import measure, schemes
 from qsweep.accuracy import accuracy_drop, logits_drift, output_drift
 from qsweep.config import ConfigError, RootConf, choices, first_line, load_config, mlflow_uri
 from qsweep.models import build_model
-from qsweep.runner import quantizable_layers, quantize, run_isolated, run_trial
+from qsweep.runner import group_size_of, quantizable_layers, quantize, run_isolated, run_trial, to_device
 from qsweep.sweep import Point, _reference_path, ensure_baseline, relative_to_baseline
 from qsweep.tracking import Tracker
 
@@ -55,16 +54,8 @@ class Candidate:
 
     def fits(self, layer: nn.Linear) -> bool:
         """torchao rejects a group size that does not divide in_features; such a layer cannot take it."""
-        group = _group_size(self.spec)
+        group = group_size_of(self.spec)
         return not group or layer.in_features % group == 0
-
-
-def _group_size(spec: Any) -> int | None:
-    if isinstance(spec, dict):
-        if isinstance(spec.get("group_size"), int):
-            return spec["group_size"]
-        return next((g for g in map(_group_size, spec.values()) if g), None)
-    return None
 
 
 def resolve_candidates(root: RootConf, overrides: list[str], hw: schemes.Hardware, dtype: str) -> list[Candidate]:
@@ -173,13 +164,13 @@ class Evaluator:
         self.inputs = self.bundle.make_inputs(root.eval.n_samples, root.seed + 1)
         self.reference = self._outputs(self.model)
         self.base_task = self._task(self.model)
-        self.base_size = _saved_size(self.model)
+        self.base_size = measure.model_size_bytes(self.model)
 
     def _outputs(self, model: nn.Module) -> torch.Tensor:
         outs, step = [], self.root.eval.batch_size
         with torch.inference_mode():
             for start in range(0, self.inputs[0].shape[0], step):
-                out = model(*[_to(t[start:start + step], self.device, self.dtype) for t in self.inputs])
+                out = model(*[to_device(t[start:start + step], self.device, self.dtype) for t in self.inputs])
                 outs.append((out.logits if hasattr(out, "logits") else out).float().cpu())
         return torch.cat(outs)
 
@@ -195,7 +186,7 @@ class Evaluator:
             quantize(model, quant, layers)
         metrics = {"quantize_s": time.perf_counter() - start, "layers_total": len(layers),
                    "layers_quantized": sum(type(m.weight.data) is not torch.Tensor for m in layers.values())}
-        size = _saved_size(model)
+        size = measure.model_size_bytes(model)
         metrics.update(size_bytes=size, size_ratio=self.base_size / size)
         outputs = self._outputs(model)
         metrics.update(output_drift(self.reference, outputs))
@@ -210,15 +201,6 @@ class Evaluator:
         del model
         _free(self.device)
         return metrics
-
-
-def _saved_size(model: nn.Module) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        return measure.saved_size(model.state_dict(), Path(tmp) / "model.pt")
-
-
-def _to(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
 
 
 def _free(device: str) -> None:
@@ -266,7 +248,7 @@ class CostModel:
 
     def _bench_inputs(self) -> list[torch.Tensor]:
         raw = self.ev.bundle.make_inputs(self.root.bench.batch_size, self.root.seed)
-        return [_to(t, self.ev.device, self.ev.dtype) for t in raw]
+        return [to_device(t, self.ev.device, self.ev.dtype) for t in raw]
 
     def _cached(self, what: dict, bench) -> dict:
         key = hashlib.sha1(json.dumps({**self.context, **what}, sort_keys=True, default=str).encode()).hexdigest()
@@ -578,11 +560,10 @@ def best_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
     """Distinct complete recipes that no other beats on both objective (higher) and drift (lower)."""
+    from qsweep.select import pareto_front as pareto_mask
+
     ok = table[table["state"] == "COMPLETE"].drop_duplicates("recipe")
-    front = [r for r in ok.itertuples() if not any(
-        (o.value >= r.value and o.drift <= r.drift) and (o.value > r.value or o.drift < r.drift)
-        for o in ok.itertuples())]
-    return ok[ok["trial"].isin([r.trial for r in front])].sort_values("drift")
+    return ok[pareto_mask(ok, {"value": True, "drift": False})].sort_values("drift")
 
 
 def exhaustive(setup: Setup) -> pd.DataFrame:

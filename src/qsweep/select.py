@@ -30,7 +30,9 @@ from omegaconf import OmegaConf
 
 from qsweep import schemes
 from qsweep.config import ConfigError, RootConf, SelectConf, load_config, mlflow_uri
+from qsweep.measure import model_size_bytes
 from qsweep.metrics import BY_NAME, METRICS
+from qsweep.runner import to_device
 from qsweep.sweep import QUANT_SPEC_FILE, resolve_device, versions
 
 ROLE_TAG = "qsweep.role"
@@ -433,7 +435,7 @@ def apply_recipe(recipe: Recipe, device: str, directory: Path, sel: SelectConf |
     fresh.model = fresh.model.to(dtype).to(device)
     fresh.model.load_state_dict(load_checkpoint(checkpoint, device), assign=True)
     metrics = remeasure(recipe, fresh, device)
-    metrics["size_bytes"] = _saved_size(fresh.model)
+    metrics["size_bytes"] = float(model_size_bytes(fresh.model))
     inputs = fresh.make_inputs(recipe.eval["batch_size"], recipe.eval["seed"] + 1)
     reload_diff = _max_diff(model, fresh.model, inputs, device, dtype)
     return Applied(checkpoint, fmt, metrics, verify(recipe, metrics, reload_diff, sel))
@@ -493,15 +495,8 @@ def remeasure(recipe: Recipe, bundle, device: str) -> dict[str, float]:
         return accuracy_metrics(spec, bundle, bundle.model)
 
 
-def _saved_size(model: torch.nn.Module) -> float:
-    from qsweep.measure import saved_size
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return float(saved_size(model.state_dict(), Path(tmp) / "model.pt"))
-
-
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module, inputs, device: str, dtype) -> float:
-    moved = [t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in inputs]
+    moved = [to_device(t, device, dtype) for t in inputs]
     with torch.inference_mode():
         out_a, out_b = a(*moved), b(*moved)
     out_a, out_b = (getattr(o, "logits", o) for o in (out_a, out_b))
