@@ -25,13 +25,13 @@ RESULTS = Path(__file__).parent / "results"
 PUBLISHED_TOK_S = {"none": 126.9, "int8wo": 198.9, "int4wo": 241.4, "float8wo": 178.5, "float8dq": 154.6}
 COLUMNS = ["model", "batch_size", "scheme", "granularity", "group_size", "status", "latency_ms", "latency_e2e_ms",
            "latency_cv", "speedup", "size_ratio", "weights_mem_bytes", "peak_mem_bytes", "drift_sqnr_db",
-           "compile_s", "timing", "reason"]
+           "prefill_tok_s", "decode_tok_s", "compile_s", "timing", "reason"]
 
 
 def run_grids(cfg: dict, output_dir: str) -> None:
     for grid in cfg["grids"]:
         _qsweep([*grid, f"tracking.experiment={cfg['experiment']}"], output_dir)
-    if "repeat" in cfg:
+    if "repeat" in cfg:  # a second, forced measurement of the same points
         _qsweep([*cfg["repeat"]["grid"], f"tracking.experiment={cfg['repeat']['experiment']}", "force=true"],
                 output_dir)
 
@@ -72,8 +72,9 @@ def markdown(frame: pd.DataFrame, repeat: pd.DataFrame, command: str) -> str:
              "latency_e2e_ms: plain calls with a sync (what eager Python callers see)", ""]
     ok = frame[frame.status == "ok"]
     if not ok.empty:
-        table = ok[["model", "batch_size", "run", "latency_ms", "latency_e2e_ms", "latency_cv", "speedup",
-                    "size_ratio", "drift_sqnr_db", "compile_s"]].sort_values(["model", "batch_size", "speedup"],
+        columns = ["model", "batch_size", "run", "latency_ms", "latency_e2e_ms", "latency_cv", "speedup",
+                   "size_ratio", "drift_sqnr_db", "prefill_tok_s", "decode_tok_s", "compile_s"]
+        table = ok[columns].dropna(axis="columns", how="all").sort_values(["model", "batch_size", "speedup"],
                                                                             ascending=[True, True, False])
         lines += ["## Measured points", "", table.to_markdown(index=False, floatfmt=".3g"), ""]
     other = frame[frame.status != "ok"]
