@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from qsweep.cli import check_grid, main
-from qsweep.config import CONF_DIR, ConfigError, choices
+from qsweep.config import CONF_DIR, ConfigError, choices, mlflow_uri
 
 GROUP_FILES = sorted(p for p in CONF_DIR.rglob("*.yaml") if p.parent != CONF_DIR)
 
@@ -63,3 +63,11 @@ def test_unknown_command(capsys):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_tracking_store_precedence(compose, monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mlflow_uri(compose()) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/env.db")
+    assert mlflow_uri(compose()) == "sqlite:////elsewhere/env.db"
+    assert mlflow_uri(compose("tracking.uri=sqlite:////x/cli.db")) == "sqlite:////x/cli.db"
