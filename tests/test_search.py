@@ -125,3 +125,21 @@ def test_a_crashing_trial_is_failed_and_the_search_goes_on(compose):
     again = run_search(compose(*over, "search.sensitivity=true", "search.study=with-sensitivity"), over)
     assert again["trial_states"] == {"COMPLETE": 8}
     assert again["search_space"] == 2
+
+
+def test_measured_verdict_overrides_the_prediction():
+    import pandas as pd
+
+    from qsweep.search import measured_verdict
+
+    confirmed = pd.DataFrame([
+        {"trial": 5, "uniform": "", "counts": '{"int8dq": 1}', "status": "ok", "speedup": 0.92, "accuracy_drop": 0.0},
+        {"trial": 7, "uniform": "", "counts": '{"int8wo": 3}', "status": "ok", "speedup": 2.0, "accuracy_drop": 0.5},
+        {"trial": 2, "uniform": "int8dq", "counts": '{"int8dq": 3}', "status": "ok", "speedup": 1.31,
+         "accuracy_drop": 0.0},
+    ])
+    verdict = measured_verdict(confirmed, "accuracy_drop", 0.01)
+    assert verdict["measured_best"]["trial"] == 2  # trial 7 is faster but over budget
+    assert verdict["measured_mixed_beats_uniform"] is False
+    confirmed.loc[0, "speedup"] = 1.4
+    assert measured_verdict(confirmed, "accuracy_drop", 0.01)["measured_mixed_beats_uniform"] is True

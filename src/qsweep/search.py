@@ -613,7 +613,7 @@ def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
                     "predicted_speedup": r.predicted_speedup, "speedup": m.get("speedup"),
                     "size_ratio": m.get("size_ratio"), setup.root.search.drift_metric:
                     m.get(setup.root.search.drift_metric), "latency_ms": m.get("latency_ms"),
-                    "reason": result.reason[:100]})
+                    "reason": result.reason[:100], "recipe": r.recipe})
     return pd.DataFrame(out)
 
 
@@ -766,10 +766,27 @@ def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, 
     if not confirmed.empty:
         confirmed.to_csv(setup.out_dir / "confirmed.csv", index=False)
         result["confirmed"] = confirmed.to_dict("records")
+        result.update(measured_verdict(confirmed, s.drift_metric, setup.drift_budget))
     result["wall_s"] = time.perf_counter() - started
     _write_outputs(setup, result, best)
     _print_result(result, confirmed, s)
     return result
+
+
+def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float) -> dict[str, Any]:
+    """The answer by end-to-end measurement, which overrides the cost model's prediction: the fastest
+    confirmed recipe within the drift budget, and whether it is mixed and beats the measured uniform one."""
+    ok = confirmed[(confirmed["status"] == "ok") & confirmed["speedup"].notna()]
+    if drift_metric in ok:
+        ok = ok[ok[drift_metric].fillna(math.inf) <= budget]
+    if ok.empty:
+        return {"measured_best": None, "measured_mixed_beats_uniform": False}
+    ranked = ok.sort_values("speedup", ascending=False)
+    top, uniform = ranked.iloc[0], ranked[ranked["uniform"] != ""]
+    beats = bool(top["uniform"] == "" and (uniform.empty or top["speedup"] > uniform["speedup"].max()))
+    return {"measured_best": {"trial": int(top["trial"]), "speedup": float(top["speedup"]),
+                              "counts": json.loads(top["counts"]), "uniform": top["uniform"] or None},
+            "measured_mixed_beats_uniform": beats}
 
 
 def _summary(setup: Setup, trials: pd.DataFrame, best: pd.DataFrame, uniform: pd.DataFrame, new: int,
@@ -798,8 +815,9 @@ def _write_outputs(setup: Setup, result: dict[str, Any], best: pd.DataFrame) -> 
     """summary.json and best_recipe.json next to the plots, all of them artifacts of the parent run."""
     out = setup.out_dir
     (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
-    if result["best"]:
-        spec = recipe_spec(result["best"]["recipe"], setup.space, list(setup.cands.values()))
+    winner = _winner(result)
+    if winner:
+        spec = recipe_spec(winner["recipe"], setup.space, list(setup.cands.values()))
         (out / "best_recipe.json").write_text(json.dumps(spec, indent=1))
     client, run_id = setup.tracker.client, setup.parent_run_id
     for f in sorted(out.iterdir()):
@@ -814,10 +832,26 @@ def _write_outputs(setup: Setup, result: dict[str, Any], best: pd.DataFrame) -> 
         step = int(result["trials_total"])
         client.log_batch(run_id, metrics=[MlMetric(k, v, 0, step) for k, v in only_metrics(m).items()
                                           if math.isfinite(v)])
-    for k in ("trials_total", "trials_this_run", "distinct_recipes", "wall_s", "mixed_beats_uniform"):
-        client.set_tag(run_id, f"search.{k}", str(result[k]))
-    if result["best"]:
-        client.set_tag(run_id, "search.best_trial", str(result["best"]["trial"]))
+    for k in ("trials_total", "trials_this_run", "distinct_recipes", "wall_s", "mixed_beats_uniform",
+              "measured_mixed_beats_uniform"):
+        if k in result:
+            client.set_tag(run_id, f"search.{k}", str(result[k]))
+    if winner:
+        client.set_tag(run_id, "search.best_trial", str(winner["trial"]))
+
+
+def _winner(result: dict[str, Any]) -> dict | None:
+    """The measured best when recipes were confirmed end to end, else the search's predicted best."""
+    measured = result.get("measured_best")
+    if measured:
+        trials = {c["trial"]: c for c in result.get("confirmed", [])}
+        best = result["best"]
+        if best and best["trial"] == measured["trial"]:
+            return best
+        row = trials.get(measured["trial"])
+        if row is not None and "recipe" in row:
+            return {"trial": measured["trial"], "recipe": json.loads(row["recipe"])}
+    return result["best"]
 
 
 def _print_sensitivity(table: pd.DataFrame, drift_metric: str) -> None:
@@ -852,7 +886,12 @@ def _print_result(result: dict[str, Any], confirmed: pd.DataFrame, s) -> None:
     if not confirmed.empty:
         with pd.option_context("display.width", 220, "display.max_columns", None, "display.float_format",
                                "{:.4g}".format):
-            print(f"\nconfirmed end to end:\n{confirmed.to_string(index=False)}")
+            print(f"\nconfirmed end to end:\n{confirmed.drop(columns='recipe').to_string(index=False)}")
+        measured = result.get("measured_best")
+        if measured:
+            verdict = "a mixed recipe beats" if result["measured_mixed_beats_uniform"] else "no mixed recipe beats"
+            print(f"measured winner (trial {measured['trial']}): speedup {measured['speedup']:.3f}x  "
+                  f"{measured['counts']}  -> {verdict} the best uniform scheme end to end")
 
 
 def search_command(args: list[str]) -> int:
