@@ -13,11 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
-import torch
 import yaml
 
+from qsweep import select
+from qsweep.config import ConfigError
 from qsweep.sweep import versions
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,30 +43,28 @@ def _qsweep(overrides: list[str], output_dir: str) -> None:
 
 
 def load_runs(uri: str, experiment: str) -> pd.DataFrame:
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return pd.DataFrame(columns=COLUMNS)
-    rows = []
-    for run in client.search_runs([exp.experiment_id], max_results=5000):
-        p, t = run.data.params, run.data.tags
-        rows.append({"model": p.get("model"), "batch_size": int(p.get("batch_size", 0)), "scheme": p.get("scheme"),
-                     "granularity": p.get("granularity"), "group_size": p.get("group_size"),
-                     "status": t.get("status"), "timing": t.get("timing_mode", ""), "reason": t.get("reason", ""),
-                     "run": run.info.run_name, "start": run.info.start_time, **run.data.metrics})
-    frame = pd.DataFrame(rows)
+    """The experiment's measured points (qsweep.select's reader); empty if the experiment does not exist."""
+    try:
+        frame = select.load_runs(uri, experiment)
+    except ConfigError:
+        return pd.DataFrame(columns=COLUMNS + ["run", "start_time"])
+    frame = frame[frame["kind"].isin(["grid", "baseline"])].copy()
     for col in COLUMNS:
         if col not in frame:
             frame[col] = None
+    frame["batch_size"] = frame["batch_size"].astype(int)
     return frame
 
 
 def markdown(frame: pd.DataFrame, repeat: pd.DataFrame, command: str) -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    v = versions()
+    # Provenance from the runs themselves, so a summary regenerated elsewhere still names the GPU.
+    measured = frame[frame.status == "ok"]
+    first = measured.iloc[0] if len(measured) else None
+    device = first["device_name"] if first is not None and "device_name" in first else "unknown device"
+    v = {k: first[k] for k in ("torch", "torchao")} if first is not None else versions()
     lines = [f"# GPU benchmark: {device}", "",
              f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- torch {v['torch']}, torchao {v['torchao']}, CUDA {torch.version.cuda}",
+             f"- torch {v['torch']}, torchao {v['torchao']}",
              f"- command: `{command}`",
              "- latency_ms: median of CUDA-graph replays (launch overhead removed), L2 flushed between repeats; "
              "latency_e2e_ms: plain calls with a sync (what eager Python callers see)", ""]
@@ -81,7 +79,7 @@ def markdown(frame: pd.DataFrame, repeat: pd.DataFrame, command: str) -> str:
     if not other.empty:
         lines += ["## Not timed (recorded with the reason)", "",
                   other[["model", "batch_size", "run", "status", "reason"]].to_markdown(index=False), ""]
-    weight_bound = ok[(ok.model == "llama_ffn") & (ok.batch_size == 1)]
+    weight_bound = ok[(ok.model == "llama_ffn") & (ok.batch_size == 1)].sort_values("speedup", ascending=False)
     if not weight_bound.empty:
         ref = []
         for _, row in weight_bound.iterrows():
@@ -98,8 +96,8 @@ def markdown(frame: pd.DataFrame, repeat: pd.DataFrame, command: str) -> str:
 
 def _repeatability(first: pd.DataFrame, second: pd.DataFrame) -> str:
     key = ["model", "batch_size", "run"]
-    a = first[first.status == "ok"].sort_values("start").drop_duplicates(key, keep="last")
-    b = second[second.status == "ok"].sort_values("start").drop_duplicates(key, keep="last")
+    a = first[first.status == "ok"].sort_values("start_time").drop_duplicates(key, keep="last")
+    b = second[second.status == "ok"].sort_values("start_time").drop_duplicates(key, keep="last")
     both = a.merge(b, on=key, suffixes=("_1", "_2"))
     both["diff_pct"] = 100 * (both.latency_ms_2 - both.latency_ms_1).abs() / both.latency_ms_1
     both["cv_pct"] = 100 * both[["latency_cv_1", "latency_cv_2"]].max(axis=1)

@@ -621,27 +621,13 @@ def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
 
 def plot_sensitivity(table: pd.DataFrame, path: Path, drift_metric: str) -> None:
     """Heat map: groups x candidates, colour = drift when only that group is quantized."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from qsweep.report import plot_sensitivity as heat_map
 
     ok = table[table["status"] == "ok"] if len(table) else table
     if ok.empty:
         return
     grid = ok.pivot_table(index="group", columns="candidate", values="drift", sort=False)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * grid.shape[1], 1.2 + 0.3 * grid.shape[0]))
-    image = ax.imshow(grid.values, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha="right")
-    ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=8 if grid.shape[0] < 40 else 5)
-    if grid.size <= 400:
-        for (i, j), v in zip(itertools.product(range(grid.shape[0]), range(grid.shape[1])), grid.values.flat):
-            ax.text(j, i, f"{v:.2g}", ha="center", va="center", color="w", fontsize=7)
-    fig.colorbar(image, ax=ax, label=f"{drift_metric} (one group quantized)")
-    ax.set_title("per-layer sensitivity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    heat_map(grid, path, f"per-layer sensitivity ({drift_metric}, one group quantized)")
 
 
 def plot_pareto(table: pd.DataFrame, front: pd.DataFrame, best: pd.DataFrame, budget: float, path: Path,
