@@ -144,26 +144,21 @@ def _is_quantized(layer: nn.Linear) -> bool:
     return type(layer.weight.data) is not torch.Tensor
 
 
-def _eval_outputs(model: nn.Module, bundle: ModelBundle, inputs: tuple[torch.Tensor, ...], spec: TrialSpec,
-                  dtype) -> torch.Tensor:
+def eval_outputs(model: nn.Module, bundle: ModelBundle, inputs: tuple[torch.Tensor, ...], device: str,
+                 dtype: torch.dtype, batch_size: int) -> torch.Tensor:
+    """The outputs drift is measured on (LMs: logits at a few positions, see ModelBundle.drift_outputs)."""
     outs = []
     with torch.inference_mode():
-        for start in range(0, inputs[0].shape[0], spec.eval_batch_size):
-            chunk = tuple(to_device(t[start:start + spec.eval_batch_size], spec.device, dtype) for t in inputs)
+        for start in range(0, inputs[0].shape[0], batch_size):
+            chunk = tuple(to_device(t[start:start + batch_size], device, dtype) for t in inputs)
             out = bundle.drift_outputs(model, chunk) if bundle.drift_outputs else model(*chunk)
             outs.append((out.logits if hasattr(out, "logits") else out).float().cpu())
     return torch.cat(outs)
 
 
-def _accuracy(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype) -> dict[str, float]:
-    """Drift on the eval inputs (eager model: drift belongs to the quantization, not to compile)."""
-    inputs = bundle.make_inputs(spec.eval_samples, spec.seed + 1)
-    outputs = _eval_outputs(model, bundle, inputs, spec, dtype)
-    task = bundle.evaluate(model, spec.device, dtype) if bundle.evaluate else {}
-    if spec.is_baseline:
-        torch.save({"outputs": outputs, "task": task}, spec.reference_path)
-        return dict(task)
-    reference = torch.load(spec.reference_path, weights_only=True)
+def drift_metrics(reference: dict, outputs: torch.Tensor, task: dict[str, float],
+                  bundle: ModelBundle) -> dict[str, float]:
+    """Output drift and task-metric change against a baseline reference {"outputs", "task"}."""
     metrics = output_drift(reference["outputs"], outputs)
     if bundle.logits:
         metrics.update(logits_drift(reference["outputs"], outputs))
@@ -173,6 +168,17 @@ def _accuracy(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype) -> 
                        task_metric_delta_rel=(value - base) / base if base else math.nan,
                        accuracy_drop=accuracy_drop(base, value, bundle.task_higher_is_better))
     return metrics
+
+
+def _accuracy(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype) -> dict[str, float]:
+    """Drift on the eval inputs (eager model: drift belongs to the quantization, not to compile)."""
+    inputs = bundle.make_inputs(spec.eval_samples, spec.seed + 1)
+    outputs = eval_outputs(model, bundle, inputs, spec.device, dtype, spec.eval_batch_size)
+    task = bundle.evaluate(model, spec.device, dtype) if bundle.evaluate else {}
+    if spec.is_baseline:
+        torch.save({"outputs": outputs, "task": task}, spec.reference_path)
+        return dict(task)
+    return drift_metrics(torch.load(spec.reference_path, weights_only=True), outputs, task, bundle)
 
 
 def accuracy_metrics(spec: TrialSpec, bundle: ModelBundle, model: nn.Module) -> dict[str, float]:

@@ -32,10 +32,18 @@ import torch
 from torch import nn
 
 from qsweep import measure, schemes
-from qsweep.accuracy import accuracy_drop, logits_drift, output_drift
 from qsweep.config import ConfigError, RootConf, choices, first_line, load_config, mlflow_uri
 from qsweep.models import build_model
-from qsweep.runner import group_size_of, quantizable_layers, quantize, run_isolated, run_trial, to_device
+from qsweep.runner import (
+    drift_metrics,
+    eval_outputs,
+    group_size_of,
+    quantizable_layers,
+    quantize,
+    run_isolated,
+    run_trial,
+    to_device,
+)
 from qsweep.sweep import Point, _reference_path, ensure_baseline, relative_to_baseline
 from qsweep.tracking import Tracker
 
@@ -162,17 +170,12 @@ class Evaluator:
         self.model = self.bundle.model.to(self.dtype).to(device)
         self.layers = quantizable_layers(self.model, root.model.quantize_filter)
         self.inputs = self.bundle.make_inputs(root.eval.n_samples, root.seed + 1)
-        self.reference = self._outputs(self.model)
         self.base_task = self._task(self.model)
+        self.reference = {"outputs": self._outputs(self.model), "task": self.base_task}
         self.base_size = measure.model_size_bytes(self.model)
 
     def _outputs(self, model: nn.Module) -> torch.Tensor:
-        outs, step = [], self.root.eval.batch_size
-        with torch.inference_mode():
-            for start in range(0, self.inputs[0].shape[0], step):
-                out = model(*[to_device(t[start:start + step], self.device, self.dtype) for t in self.inputs])
-                outs.append((out.logits if hasattr(out, "logits") else out).float().cpu())
-        return torch.cat(outs)
+        return eval_outputs(model, self.bundle, self.inputs, self.device, self.dtype, self.root.eval.batch_size)
 
     def _task(self, model: nn.Module) -> dict[str, float]:
         return self.bundle.evaluate(model, self.device, self.dtype) if self.bundle.evaluate else {}
@@ -188,16 +191,7 @@ class Evaluator:
                    "layers_quantized": sum(type(m.weight.data) is not torch.Tensor for m in layers.values())}
         size = measure.model_size_bytes(model)
         metrics.update(size_bytes=size, size_ratio=self.base_size / size)
-        outputs = self._outputs(model)
-        metrics.update(output_drift(self.reference, outputs))
-        if self.bundle.logits:
-            metrics.update(logits_drift(self.reference, outputs))
-        task = self._task(model)
-        if "task_metric" in task and "task_metric" in self.base_task:
-            base, value = self.base_task["task_metric"], task["task_metric"]
-            metrics.update(task_metric=value, task_metric_delta=value - base,
-                           task_metric_delta_rel=(value - base) / base if base else math.nan,
-                           accuracy_drop=accuracy_drop(base, value, self.bundle.task_higher_is_better))
+        metrics.update(drift_metrics(self.reference, self._outputs(model), self._task(model), self.bundle))
         del model
         _free(self.device)
         return metrics
