@@ -31,9 +31,8 @@ COLUMNS = ["model", "batch_size", "scheme", "granularity", "group_size", "status
 def run_grids(cfg: dict, output_dir: str) -> None:
     for grid in cfg["grids"]:
         _qsweep([*grid, f"tracking.experiment={cfg['experiment']}"], output_dir)
-    if "repeat" in cfg:  # a second, forced measurement of the same points
-        _qsweep([*cfg["repeat"]["grid"], f"tracking.experiment={cfg['repeat']['experiment']}", "force=true"],
-                output_dir)
+    for grid in cfg.get("repeat", {}).get("grids", []):  # a second, forced measurement of the same points
+        _qsweep([*grid, f"tracking.experiment={cfg['repeat']['experiment']}", "force=true"], output_dir)
 
 
 def _qsweep(overrides: list[str], output_dir: str) -> None:
@@ -89,6 +88,17 @@ def markdown(frame: pd.DataFrame, repeat: pd.DataFrame, command: str) -> str:
                         "torchao published 8B decode ratio": published / PUBLISHED_TOK_S["none"] if published else None})
         lines += ["## Weight-bound case (llama_ffn, batch 1) against published figures and the bytes limit", "",
                   pd.DataFrame(ref).to_markdown(index=False, floatfmt=".2f"), ""]
+    decode = ok[(ok.model == "llama3_1_8b") & (ok.batch_size == 1) & ok.decode_tok_s.notna()]
+    if not decode.empty:
+        base = decode[decode.scheme == "none"].decode_tok_s
+        rows = [{"run": row.run, "decode tok/s": row.decode_tok_s,
+                 "ratio to bf16": row.decode_tok_s / base.iloc[0] if len(base) else None,
+                 "torchao published tok/s": PUBLISHED_TOK_S.get(row.scheme),
+                 "published ratio": PUBLISHED_TOK_S[row.scheme] / PUBLISHED_TOK_S["none"]
+                 if row.scheme in PUBLISHED_TOK_S else None}
+                for _, row in decode.sort_values("decode_tok_s", ascending=False).iterrows()]
+        lines += ["## Llama-3.1-8B decode (batch 1) against torchao's published H100 figures", "",
+                  pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"), ""]
     if not repeat.empty:
         lines += ["## Repeatability (same points, a second run)", "", _repeatability(frame, repeat), ""]
     return "\n".join(lines)

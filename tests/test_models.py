@@ -79,7 +79,7 @@ def test_hf_causal_lm_loads_weights_and_tokenizer_from_a_local_directory(compose
     assert ids.shape == (3, 16) and ids.max() < 300 and len(word) == 1
     ppl = bundle.evaluate(bundle.model, "cpu", torch.float32)["task_metric"]
     assert 50 < ppl < 1000  # a random model is near-uniform over its 300 tokens
-    assert bundle.task_higher_is_better is False and bundle.tokens_per_sample == 16
+    assert bundle.task_higher_is_better is False and bundle.timed_inputs(2, 0)[0].shape == (2, 16)
 
 
 def test_hf_causal_lm_without_a_model_fails_with_one_clear_line(compose):
@@ -123,6 +123,11 @@ def test_static_cache_decode_matches_a_full_forward_and_speed_is_measured(compos
         again = lm.greedy_decode(model, cache, first, 5)
         full = model(torch.cat([ids, first, decoded[:, :-1]], 1)).logits[:, 24:].argmax(-1)
     assert torch.equal(decoded, full) and torch.equal(again, full)
+    with torch.inference_mode():  # as on CUDA, where the counters are moved (made) under inference_mode
+        cache = StaticCache(config=model.config, max_cache_len=24 + 5)
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    lm.rewind(cache, 0)  # a timed repeat rewinds from outside inference_mode
+    assert all(layer.cumulative_length.item() == 0 for layer in cache.layers)
 
     def timer(fn):
         return measure.time_call(fn, device="cpu", warmup=1, repeats=3, timing="e2e")
@@ -132,3 +137,12 @@ def test_static_cache_decode_matches_a_full_forward_and_speed_is_measured(compos
         speed = lm.speed(model, ids, 4, timer, info, static_cache=static)
         assert speed["prefill_tok_s"] > 0 and speed["decode_tok_s"] > 0
         assert info["kv_cache"].startswith("StaticCache" if static else "DynamicCache")
+
+
+def test_bench_tokens_sets_the_timed_forward_of_an_lm_not_its_drift_inputs(compose):
+    root = compose("model=tiny_llama", "eval.seq_len=24", "bench.tokens=1")
+    bundle = build_model(dict(root.model.builder), seed=0)
+    assert bundle.timed_inputs(3, 0)[0].shape == (3, 1)  # a decode-shaped, weight-bound forward
+    assert bundle.make_inputs(3, 0)[0].shape == (3, 24)  # drift windows and the prefill prompt keep eval.seq_len
+    default = build_model(dict(compose("model=tiny_llama", "eval.seq_len=24").model.builder), seed=0)
+    assert default.timed_inputs(3, 0)[0].shape == (3, 24)

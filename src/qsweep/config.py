@@ -85,6 +85,9 @@ class BenchConf:
     max_cv: float = 0.10  # a run noisier than this is flagged
     timeout_s: float = 900.0
     decode_tokens: int = 32  # LMs: decode steps timed per repeat
+    # LMs: tokens per sequence in the timed forward (latency_ms, the search's cost model). null: eval.seq_len,
+    # a prefill-shaped forward; 1: a decode-shaped step, weight-bound like generation.
+    tokens: int | None = None
 
 
 @dataclass

@@ -223,8 +223,10 @@ def greedy_decode(model: nn.Module, cache, token: torch.Tensor, steps: int) -> t
 def rewind(cache, length: int) -> None:
     """Set a StaticCache's length to `length` tokens: its buffers are fixed, only the per-layer
     counters move (in place, so a captured CUDA graph replays it). Entries past `length` are
-    masked out and overwritten by the next steps."""
-    for layer in cache.layers:
-        if layer.is_initialized:
-            layer.cumulative_length.fill_(length)
+    masked out and overwritten by the next steps. The buffers were created under inference_mode
+    (inference tensors on CUDA), so they may only be written under it."""
+    with torch.inference_mode():
+        for layer in cache.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(length)
 

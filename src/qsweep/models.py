@@ -23,7 +23,6 @@ class ModelBundle:
     evaluate: Callable[[nn.Module, str, torch.dtype], dict[str, float]] | None = None
     task_higher_is_better: bool = True
     logits: bool = False  # outputs are class/vocab logits: drift adds KL and top-1 agreement
-    tokens_per_sample: int = 1  # LMs: sequence length, so throughput can be quoted in tokens/s
     # Drift seam: (model, inputs) -> the outputs compared with the baseline; None = model(*inputs).
     # LMs keep logits at a few positions only (full logits are samples x seq x vocab floats).
     drift_outputs: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor] | None = None
@@ -31,6 +30,12 @@ class ModelBundle:
     # timer(fn) times fn with the trial's bench settings (measure.time_call).
     extra_speed: Callable[[nn.Module, tuple[torch.Tensor, ...], Callable, dict[str, Any]],
                           dict[str, float]] | None = None
+    # Inputs of the timed forward, (batch_size, seed) -> CPU inputs; None: make_inputs. LMs time a
+    # bench.tokens-long forward while drift and the prefill prompt keep eval.seq_len.
+    speed_inputs: Callable[[int, int], tuple[torch.Tensor, ...]] | None = None
+
+    def timed_inputs(self, batch_size: int, seed: int) -> tuple[torch.Tensor, ...]:
+        return (self.speed_inputs or self.make_inputs)(batch_size, seed)
 
 
 def build_model(builder: dict, seed: int) -> ModelBundle:
@@ -91,9 +96,7 @@ class TransformerBlock(nn.Module):
 
 
 def transformer_block(dim: int = 256, heads: int = 4, mlp_ratio: int = 4, seq_len: int = 16) -> ModelBundle:
-    bundle = ModelBundle(TransformerBlock(dim, heads, mlp_ratio), _gaussian_inputs(seq_len, dim))
-    bundle.tokens_per_sample = seq_len
-    return bundle
+    return ModelBundle(TransformerBlock(dim, heads, mlp_ratio), _gaussian_inputs(seq_len, dim))
 
 
 def _digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,13 +194,14 @@ def ffn_stack(dim: int = 4096, hidden: int = 14336, layers: int = 4) -> ModelBun
 def hf_causal_lm(name_or_path: str | None = None, random_init: bool = False, config: dict | None = None,
                  tokenizer: str = "auto", dtype: str | None = None, trust_remote_code: bool = False,
                  text: str = "builtin", seq_len: int = 128, n_samples: int = 256, batch_size: int = 8,
-                 drift_positions: int = 4, decode_tokens: int = 32) -> ModelBundle:
+                 drift_positions: int = 4, decode_tokens: int = 32, speed_tokens: int | None = None) -> ModelBundle:
     """Any Hugging Face causal LM: real weights (`name_or_path`: hub id or local directory) or the same
     architecture with random weights (`random_init`, shapes from `config` without network).
 
     Task metric: perplexity (lower is better) of the first `n_samples` windows of `seq_len` tokens of
     the eval text. Drift inputs are windows of the same text at seeded random offsets; drift compares
-    logits at `drift_positions` positions per window. Speed adds prefill and decode tokens/s.
+    logits at `drift_positions` positions per window. Speed adds prefill and decode tokens/s; the
+    timed forward (latency_ms) is `speed_tokens` long (default seq_len).
     """
     from qsweep import lm
 
@@ -220,5 +224,9 @@ def hf_causal_lm(name_or_path: str | None = None, random_init: bool = False, con
                     info: dict[str, Any]) -> dict[str, float]:
         return lm.speed(m, inputs[0], decode_tokens, timer, info)
 
+    def speed_inputs(batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+        return (lm.random_windows(tokens, speed_tokens, batch, seed),)
+
     return ModelBundle(model, make_inputs, evaluate, task_higher_is_better=False, logits=True,
-                       tokens_per_sample=seq_len, drift_outputs=drift_outputs, extra_speed=extra_speed)
+                       drift_outputs=drift_outputs, extra_speed=extra_speed,
+                       speed_inputs=speed_inputs if speed_tokens else None)

@@ -189,7 +189,7 @@ def accuracy_metrics(spec: TrialSpec, bundle: ModelBundle, model: nn.Module) -> 
 
 
 def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict) -> dict[str, float]:
-    inputs = [to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed)]
+    inputs = [to_device(t, spec.device, dtype) for t in bundle.timed_inputs(spec.batch_size, spec.seed)]
     if spec.compile_cache_dir:  # read by inductor when it compiles, so setting it here is in time
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(spec.compile_cache_dir).resolve())
     runnable = torch.compile(model, mode=spec.compile_mode) if spec.compile_mode else model
@@ -231,7 +231,8 @@ def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: 
             return measure.time_call(fn, device=spec.device, warmup=spec.warmup, repeats=spec.repeats,
                                      timing=spec.timing, l2_flush=spec.l2_flush, graphed_already=graphed)
 
-        metrics.update(bundle.extra_speed(runnable, tuple(inputs), timer, info))
+        prompt = tuple(to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed))
+        metrics.update(bundle.extra_speed(runnable, prompt, timer, info))
     return metrics
 
 

@@ -241,7 +241,7 @@ class CostModel:
         return shapes
 
     def _bench_inputs(self) -> list[torch.Tensor]:
-        raw = self.ev.bundle.make_inputs(self.root.bench.batch_size, self.root.seed)
+        raw = self.ev.bundle.timed_inputs(self.root.bench.batch_size, self.root.seed)
         return [to_device(t, self.ev.device, self.ev.dtype) for t in raw]
 
     def _cached(self, what: dict, bench) -> dict:

@@ -24,6 +24,7 @@ from qsweep.tracking import PointRecord, Tracker
 RECORDS_FILE = "records.jsonl"
 PLAN_FILE = "plan.json"
 QUANT_SPEC_FILE = "quant_spec.json"  # run artifact: the plain torchao config spec (grid and search runs)
+TRIAL_INFO_TAGS = ("timing_mode", "peak_mem_kind", "prefill_timing_mode", "decode_timing_mode", "kv_cache")
 TABLE_COLUMNS = ["run", "status", "speedup", "latency_ms", "latency_cv", "size_ratio", "drift_sqnr_db",
                  "drift_cosine", "accuracy_drop", "layers_quantized", "peak_mem_bytes", "reason"]
 
@@ -158,9 +159,16 @@ def relative_to_baseline(metrics: dict[str, float], baseline: dict[str, float]) 
     return out
 
 
+# Baselines this sweep has measured, by context: with force=true the baseline is re-measured once
+# per sweep, not once per point, and a failed one is not retried by every point. Cleared per sweep.
+_SWEEP_BASELINES: dict[str, PointRecord] = {}
+
+
 def ensure_baseline(point: Point, tracker: Tracker) -> PointRecord:
     """The unquantized baseline for this point's context: measured once, reused across the grid."""
     reference = _reference_path(point)
+    if str(reference) in _SWEEP_BASELINES:
+        return _SWEEP_BASELINES[str(reference)]
     if reference.exists() and not point.root.force:
         found = tracker.find(**{"qsweep.config": point.baseline_key, "status": "ok"})
         if found:
@@ -170,8 +178,10 @@ def ensure_baseline(point: Point, tracker: Tracker) -> PointRecord:
     if result.status == "ok":
         result.metrics.update(speedup=1.0, size_ratio=1.0)
     baseline_point = Point(_as_baseline(point.root), point.resolved_yaml)
-    return _record(baseline_point, tracker, result.status, result.reason, result.metrics, result,
-                   extra_tags={"qsweep.role": "baseline"})
+    record = _record(baseline_point, tracker, result.status, result.reason, result.metrics, result,
+                     extra_tags={"qsweep.role": "baseline"})
+    _SWEEP_BASELINES[str(reference)] = record
+    return record
 
 
 def _as_baseline(root: RootConf) -> RootConf:
@@ -205,9 +215,8 @@ def _record(point: Point, tracker: Tracker, status: str, reason: str, metrics: d
         texts["trial_info.json"] = json.dumps(result.info, indent=1, default=str)
         if result.traceback:
             texts["traceback.txt"] = result.traceback
-        if "timing_mode" in result.info:
-            tags["timing_mode"] = result.info["timing_mode"]
-            tags["peak_mem_kind"] = result.info["peak_mem_kind"]
+        # How it was measured, searchable in the MLflow UI (a CUDA-graph capture can fall back to e2e).
+        tags.update({key: str(result.info[key]) for key in TRIAL_INFO_TAGS if key in result.info})
         cv = metrics.get("latency_cv")
         if cv is not None and cv > point.root.bench.max_cv:
             tags["noisy"] = f"latency_cv {cv:.3f} > bench.max_cv {point.root.bench.max_cv}"
@@ -281,6 +290,7 @@ class SummaryCallback(Callback):
     """Hydra callback: writes the plan (number of points) before, and the results table after."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _SWEEP_BASELINES.clear()
         grid = expand_grid(list(config.hydra.overrides.task), dict(config.hydra.sweeper.params or {}))
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
