@@ -143,3 +143,15 @@ def test_measured_verdict_overrides_the_prediction():
     assert verdict["measured_mixed_beats_uniform"] is False
     confirmed.loc[0, "speedup"] = 1.4
     assert measured_verdict(confirmed, "accuracy_drop", 0.01)["measured_mixed_beats_uniform"] is True
+    # 7% ahead is no win when the latency CV is 5% (noise 10%) ...
+    confirmed["latency_cv"] = [0.05, 0.01, 0.01]
+    noisy = measured_verdict(confirmed, "accuracy_drop", 0.01)
+    assert noisy["measured_best"]["trial"] == 5 and noisy["measured_mixed_beats_uniform"] is False
+    assert noisy["measured_noise"] == pytest.approx(0.10)
+    # ... nor when re-measuring the unquantized model strays 12% from its own baseline.
+    confirmed["latency_cv"] = 0.01
+    confirmed.loc[3] = {"trial": 0, "uniform": "none", "counts": '{"none": 3}', "status": "ok", "speedup": 0.88,
+                        "accuracy_drop": 0.0, "latency_cv": 0.01}
+    assert measured_verdict(confirmed, "accuracy_drop", 0.01)["measured_mixed_beats_uniform"] is False
+    confirmed.loc[3, "speedup"] = 0.99
+    assert measured_verdict(confirmed, "accuracy_drop", 0.01)["measured_mixed_beats_uniform"] is True

@@ -607,7 +607,7 @@ def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
                     "predicted_speedup": r.predicted_speedup, "speedup": m.get("speedup"),
                     "size_ratio": m.get("size_ratio"), setup.root.search.drift_metric:
                     m.get(setup.root.search.drift_metric), "latency_ms": m.get("latency_ms"),
-                    "reason": result.reason[:100], "recipe": r.recipe})
+                    "latency_cv": m.get("latency_cv"), "reason": result.reason[:100], "recipe": r.recipe})
     return pd.DataFrame(out)
 
 
@@ -755,7 +755,10 @@ def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, 
 
 def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float) -> dict[str, Any]:
     """The answer by end-to-end measurement, which overrides the cost model's prediction: the fastest
-    confirmed recipe within the drift budget, and whether it is mixed and beats the measured uniform one."""
+    confirmed recipe within the drift budget, and whether it is mixed and beats the measured uniform one
+    by more than the noise: twice the larger latency CV of the two, or, when the unquantized recipe was
+    confirmed too, how far its re-measurement strayed from the baseline (run-to-run noise that a
+    within-run CV does not see). A smaller margin proves nothing."""
     ok = confirmed[(confirmed["status"] == "ok") & confirmed["speedup"].notna()]
     if drift_metric in ok:
         ok = ok[ok[drift_metric].fillna(math.inf) <= budget]
@@ -763,10 +766,19 @@ def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float) 
         return {"measured_best": None, "measured_mixed_beats_uniform": False}
     ranked = ok.sort_values("speedup", ascending=False)
     top, uniform = ranked.iloc[0], ranked[ranked["uniform"] != ""]
-    beats = bool(top["uniform"] == "" and (uniform.empty or top["speedup"] > uniform["speedup"].max()))
-    return {"measured_best": {"trial": int(top["trial"]), "speedup": float(top["speedup"]),
-                              "counts": json.loads(top["counts"]), "uniform": top["uniform"] or None},
-            "measured_mixed_beats_uniform": beats}
+    verdict: dict[str, Any] = {"measured_best": {"trial": int(top["trial"]), "speedup": float(top["speedup"]),
+                                                 "counts": json.loads(top["counts"]), "uniform": top["uniform"] or None}}
+    if top["uniform"] != "" or uniform.empty:
+        return {**verdict, "measured_mixed_beats_uniform": top["uniform"] == ""}
+    rival = uniform.iloc[0]
+    cvs = [row.get("latency_cv") for row in (top, rival)]
+    noise = 2 * max((cv for cv in cvs if cv is not None and not math.isnan(cv)), default=0.0)
+    unquantized = ok[ok["uniform"] == "none"]["speedup"]
+    if len(unquantized):
+        noise = max(noise, abs(1 - float(unquantized.iloc[0])))
+    margin = top["speedup"] / rival["speedup"] - 1
+    return {**verdict, "measured_margin": float(margin), "measured_noise": float(noise),
+            "measured_mixed_beats_uniform": bool(margin > noise)}
 
 
 def _summary(setup: Setup, trials: pd.DataFrame, best: pd.DataFrame, uniform: pd.DataFrame, new: int,
@@ -813,7 +825,7 @@ def _write_outputs(setup: Setup, result: dict[str, Any], best: pd.DataFrame) -> 
         client.log_batch(run_id, metrics=[MlMetric(k, v, 0, step) for k, v in only_metrics(m).items()
                                           if math.isfinite(v)])
     for k in ("trials_total", "trials_this_run", "distinct_recipes", "wall_s", "mixed_beats_uniform",
-              "measured_mixed_beats_uniform"):
+              "measured_mixed_beats_uniform", "measured_margin", "measured_noise"):
         if k in result:
             client.set_tag(run_id, f"search.{k}", str(result[k]))
     if winner:
@@ -870,8 +882,10 @@ def _print_result(result: dict[str, Any], confirmed: pd.DataFrame, s) -> None:
         measured = result.get("measured_best")
         if measured:
             verdict = "a mixed recipe beats" if result["measured_mixed_beats_uniform"] else "no mixed recipe beats"
+            margin = (f" (margin {result['measured_margin']:+.1%}, noise {result['measured_noise']:.1%})"
+                      if "measured_margin" in result else "")
             print(f"measured winner (trial {measured['trial']}): speedup {measured['speedup']:.3f}x  "
-                  f"{measured['counts']}  -> {verdict} the best uniform scheme end to end")
+                  f"{measured['counts']}  -> {verdict} the best uniform scheme end to end{margin}")
 
 
 def search_command(args: list[str]) -> int:
