@@ -3,6 +3,7 @@ unsupported, baseline, run), records it in MLflow, and summarises the sweep at t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -167,8 +168,8 @@ _SWEEP_BASELINES: dict[str, PointRecord] = {}
 def ensure_baseline(point: Point, tracker: Tracker) -> PointRecord:
     """The unquantized baseline for this point's context: measured once, reused across the grid."""
     reference = _reference_path(point)
-    if str(reference) in _SWEEP_BASELINES:
-        return _SWEEP_BASELINES[str(reference)]
+    if str(reference) in _SWEEP_BASELINES:  # measured earlier in this sweep: the same run, reused
+        return dataclasses.replace(_SWEEP_BASELINES[str(reference)], reused=True)
     if reference.exists() and not point.root.force:
         found = tracker.find(**{"qsweep.config": point.baseline_key, "status": "ok"})
         if found:
