@@ -84,6 +84,7 @@ def test_search_beats_or_matches_best_uniform_and_resume_adds_trials(compose, tm
     assert first["exhaustive"]["recipes"] == 64
     assert best["value"] <= first["exhaustive"]["optimum"] + 1e-12
     assert first["confirmed"][0]["status"] == "ok" and first["confirmed"][0]["size_ratio"] > 1
+    assert first["measured_by"] == "paired" and first["confirmed"][0]["paired_speedup"] > 0
 
     capsys.readouterr()
     second = run_search(compose(*over, "search.n_trials=14"), over)  # same storage and study: resume
@@ -155,3 +156,18 @@ def test_measured_verdict_overrides_the_prediction():
     assert measured_verdict(confirmed, "accuracy_drop", 0.01)["measured_mixed_beats_uniform"] is False
     confirmed.loc[3, "speedup"] = 0.99
     assert measured_verdict(confirmed, "accuracy_drop", 0.01)["measured_mixed_beats_uniform"] is True
+    # Paired timings, where present, decide, with their own spread as the noise.
+    confirmed["paired_speedup"], confirmed["paired_noise"] = [1.2, 3.0, 1.5, 1.0], 0.02
+    paired = measured_verdict(confirmed, "accuracy_drop", 0.01)
+    assert paired["measured_by"] == "paired" and paired["measured_best"]["trial"] == 2
+    assert paired["measured_mixed_beats_uniform"] is False  # uniform int8dq is fastest when paired
+
+
+def test_paired_timing_cancels_a_drifting_host():
+    from qsweep.search import paired_ratio
+
+    # The host ran at half speed in round 2: separate timings would disagree by 2x, the ratios do not.
+    steady = paired_ratio([10.0, 20.0, 10.0], [5.0, 10.0, 5.0])
+    assert steady == {"paired_speedup": 2.0, "paired_noise": 0.0}
+    jittery = paired_ratio([10.0, 10.0, 10.0], [5.0, 10.0, 8.0])  # ratios 2, 1, 1.25
+    assert jittery["paired_speedup"] == 1.25 and jittery["paired_noise"] == pytest.approx(0.4)

@@ -129,6 +129,7 @@ class SearchConf:
     sensitivity: bool = True
     seed_budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # greedy seeds, x max_drift
     confirm_top_k: int = 3
+    paired_rounds: int = 7  # confirmation: baseline and recipes timed in turn in one process, this many rounds
     exhaustive: bool = False  # also evaluate every recipe (small spaces) and compare with the search
     max_exhaustive: int = 4096
     max_retry: int = 1  # retries of a trial whose worker died (heartbeat)

@@ -14,6 +14,7 @@ run and each trial a nested run with the grid's metric schema.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import hashlib
 import itertools
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -608,7 +610,53 @@ def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
                     "size_ratio": m.get("size_ratio"), setup.root.search.drift_metric:
                     m.get(setup.root.search.drift_metric), "latency_ms": m.get("latency_ms"),
                     "latency_cv": m.get("latency_cv"), "reason": result.reason[:100], "recipe": r.recipe})
-    return pd.DataFrame(out)
+    confirmed = pd.DataFrame(out)
+    rounds = setup.root.search.paired_rounds
+    if rounds > 0:
+        ok = confirmed[confirmed["status"] == "ok"]
+        confirmed = confirmed.merge(paired_speedups(setup, ok, rounds), on="trial", how="left")
+    return confirmed
+
+
+def paired_speedups(setup: Setup, rows: pd.DataFrame, rounds: int) -> pd.DataFrame:
+    """Speedups measured in this process with the baseline and each recipe timed in turn, round after
+    round. Between separate processes a shared host's speed drifts by more than the gaps being judged;
+    within a round the drift hits every variant alike, so the per-round ratio to the baseline cancels it.
+    paired_speedup is the median ratio, paired_noise half the spread of the ratios (relative)."""
+    ev, bench, mode = setup.ev, setup.root.bench, setup.root.compile.mode
+    inputs = [to_device(t, ev.device, ev.dtype) for t in ev.bundle.timed_inputs(bench.batch_size, setup.root.seed)]
+    variants: dict[Any, nn.Module] = {"baseline": ev.model}
+    for r in rows.itertuples():
+        model = copy.deepcopy(ev.model)
+        quantize(model, recipe_spec(json.loads(r.recipe), setup.space, list(setup.cands.values())), {})
+        variants[int(r.trial)] = model
+    calls = {}
+    for key, model in variants.items():
+        runnable = torch.compile(model, mode=mode) if mode else model
+        calls[key] = functools.partial(_infer, runnable, inputs)
+        calls[key]()  # compile, warm up
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            stats = measure.time_call(call, device=ev.device, warmup=1, repeats=bench.repeats, timing=setup.point.timing,
+                                      l2_flush=bench.l2_flush, graphed_already=mode in ("reduce-overhead", "max-autotune"))
+            times[key].append(stats.median_ms)
+    out = [{"trial": key, **paired_ratio(times["baseline"], times[key])} for key in variants if key != "baseline"]
+    del variants, calls
+    _free(ev.device)
+    return pd.DataFrame(out, columns=["trial", "paired_speedup", "paired_noise"])
+
+
+def paired_ratio(baseline_ms: list[float], recipe_ms: list[float]) -> dict[str, float]:
+    """Median of the per-round baseline/recipe ratios, and half their spread relative to it."""
+    ratios = np.asarray(baseline_ms) / np.asarray(recipe_ms)
+    median = float(np.median(ratios))
+    return {"paired_speedup": median, "paired_noise": float(np.ptp(ratios) / 2 / median)}
+
+
+def _infer(model: nn.Module, inputs: list[torch.Tensor]):
+    with torch.inference_mode():
+        return model(*inputs)
 
 
 # ---------------------------------------------------------------- plots
@@ -754,29 +802,37 @@ def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, 
 
 
 def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float) -> dict[str, Any]:
-    """The answer by end-to-end measurement, which overrides the cost model's prediction: the fastest
-    confirmed recipe within the drift budget, and whether it is mixed and beats the measured uniform one
-    by more than the noise: twice the larger latency CV of the two, or, when the unquantized recipe was
-    confirmed too, how far its re-measurement strayed from the baseline (run-to-run noise that a
-    within-run CV does not see). A smaller margin proves nothing."""
+    """The answer by measurement, which overrides the cost model's prediction: the fastest confirmed
+    recipe within the drift budget, and whether it is mixed and beats the best uniform one by more than
+    the noise. Paired timings (one process, in turn) are used where present, with their spread as the
+    noise; otherwise the isolated trials' speedups, with twice the larger latency CV as the noise, or how
+    far the re-measured unquantized recipe strayed from its baseline if that is larger (run-to-run noise
+    that a within-run CV does not see). A smaller margin proves nothing."""
     ok = confirmed[(confirmed["status"] == "ok") & confirmed["speedup"].notna()]
     if drift_metric in ok:
         ok = ok[ok[drift_metric].fillna(math.inf) <= budget]
     if ok.empty:
         return {"measured_best": None, "measured_mixed_beats_uniform": False}
-    ranked = ok.sort_values("speedup", ascending=False)
+    paired = "paired_speedup" in ok and bool(ok["paired_speedup"].notna().all())
+    speed = "paired_speedup" if paired else "speedup"
+    ranked = ok.sort_values(speed, ascending=False)
     top, uniform = ranked.iloc[0], ranked[ranked["uniform"] != ""]
-    verdict: dict[str, Any] = {"measured_best": {"trial": int(top["trial"]), "speedup": float(top["speedup"]),
-                                                 "counts": json.loads(top["counts"]), "uniform": top["uniform"] or None}}
+    verdict: dict[str, Any] = {
+        "measured_best": {"trial": int(top["trial"]), "speedup": float(top[speed]),
+                          "counts": json.loads(top["counts"]), "uniform": top["uniform"] or None},
+        "measured_by": "paired" if paired else "isolated"}
     if top["uniform"] != "" or uniform.empty:
         return {**verdict, "measured_mixed_beats_uniform": top["uniform"] == ""}
     rival = uniform.iloc[0]
-    cvs = [row.get("latency_cv") for row in (top, rival)]
-    noise = 2 * max((cv for cv in cvs if cv is not None and not math.isnan(cv)), default=0.0)
-    unquantized = ok[ok["uniform"] == "none"]["speedup"]
-    if len(unquantized):
-        noise = max(noise, abs(1 - float(unquantized.iloc[0])))
-    margin = top["speedup"] / rival["speedup"] - 1
+    if paired:
+        noise = max(float(top["paired_noise"]), float(rival["paired_noise"]))
+    else:
+        cvs = [row.get("latency_cv") for row in (top, rival)]
+        noise = 2 * max((cv for cv in cvs if cv is not None and not math.isnan(cv)), default=0.0)
+        unquantized = ok[ok["uniform"] == "none"]["speedup"]
+        if len(unquantized):
+            noise = max(noise, abs(1 - float(unquantized.iloc[0])))
+    margin = top[speed] / rival[speed] - 1
     return {**verdict, "measured_margin": float(margin), "measured_noise": float(noise),
             "measured_mixed_beats_uniform": bool(margin > noise)}
 
@@ -825,7 +881,7 @@ def _write_outputs(setup: Setup, result: dict[str, Any], best: pd.DataFrame) -> 
         client.log_batch(run_id, metrics=[MlMetric(k, v, 0, step) for k, v in only_metrics(m).items()
                                           if math.isfinite(v)])
     for k in ("trials_total", "trials_this_run", "distinct_recipes", "wall_s", "mixed_beats_uniform",
-              "measured_mixed_beats_uniform", "measured_margin", "measured_noise"):
+              "measured_mixed_beats_uniform", "measured_margin", "measured_noise", "measured_by"):
         if k in result:
             client.set_tag(run_id, f"search.{k}", str(result[k]))
     if winner:
@@ -884,7 +940,8 @@ def _print_result(result: dict[str, Any], confirmed: pd.DataFrame, s) -> None:
             verdict = "a mixed recipe beats" if result["measured_mixed_beats_uniform"] else "no mixed recipe beats"
             margin = (f" (margin {result['measured_margin']:+.1%}, noise {result['measured_noise']:.1%})"
                       if "measured_margin" in result else "")
-            print(f"measured winner (trial {measured['trial']}): speedup {measured['speedup']:.3f}x  "
+            print(f"measured winner (trial {measured['trial']}, {result['measured_by']} timing): "
+                  f"speedup {measured['speedup']:.3f}x  "
                   f"{measured['counts']}  -> {verdict} the best uniform scheme end to end{margin}")
 
 
