@@ -41,3 +41,17 @@ def test_int4_and_float8_run_on_cuda(compose):
 def test_int8dq_small_batch_is_unsupported_not_garbage(compose):
     record = run_point(compose("device=cuda", "scheme=int8dq", "bench.batch_size=1"))
     assert record.status == "unsupported" and "17" in record.reason
+
+
+def test_lm_speed_path_runs_on_cuda_and_says_how_it_timed_decode(compose):
+    # The StaticCache's buffers become inference tensors on CUDA; rewinding them between repeats once
+    # failed there ("Inplace update to inference tensor outside InferenceMode") and never on CPU.
+    root = compose("device=cuda", "model=tiny_llama", "bench=gpu", "bench.repeats=10", "eval.n_samples=4",
+                   "scheme=int4wo", "granularity=per_group", "group_size=64", "isolate=false")
+    record = run_point(root)
+    assert record.status == "ok", record.reason
+    assert record.metrics["decode_tok_s"] > 0 and record.metrics["prefill_tok_s"] > 0
+    import mlflow
+
+    run = mlflow.MlflowClient(f"sqlite:///{root.output_dir}/mlflow.db").get_run(record.run_id)
+    assert run.data.tags["decode_timing_mode"].startswith(("device", "e2e (graph capture failed"))

@@ -1,5 +1,6 @@
 """Sweeps end to end through the real CLI: grid with skips, crashes recorded, resume, metric sanity."""
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,15 @@ def test_metric_sanity_size_and_drift_ordering(compose):
     assert int2.metrics["drift_sqnr_db"] < int8x.metrics["drift_sqnr_db"] - 20  # ~6 dB per bit
     assert int2.metrics["drift_cosine"] < int8x.metrics["drift_cosine"]
     assert int8x.metrics["drift_sqnr_db"] > 35
+
+
+def test_independent_measurements_report_their_median_and_spread(compose):
+    root = compose("scheme=int8wo", "isolate=false", "bench.processes=3")
+    record = run_point(root)
+    client = mlflow.MlflowClient(f"sqlite:///{Path(root.output_dir) / 'mlflow.db'}")
+    info = json.loads(Path(client.download_artifacts(record.run_id, "trial_info.json")).read_text())
+    latencies = info["process_latency_ms"]
+    assert len(latencies) == 3 and record.metrics["latency_ms"] == sorted(latencies)[1]
+    spread = (max(latencies) - min(latencies)) / sorted(latencies)[1]
+    assert record.metrics["latency_spread"] == spread
+    assert "latency_spread" not in run_point(compose("scheme=int8wo", "isolate=false")).metrics

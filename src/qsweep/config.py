@@ -83,6 +83,7 @@ class BenchConf:
     timing: str = "auto"  # device: CUDA graphs, no launch overhead | e2e: as a user calls it | auto
     l2_flush: bool = False
     max_cv: float = 0.10  # a run noisier than this is flagged
+    processes: int = 1  # independent measurements per point, each in a fresh process that compiles again
     timeout_s: float = 900.0
     decode_tokens: int = 32  # LMs: decode steps timed per repeat
     # LMs: tokens per sequence in the timed forward (latency_ms, the search's cost model). null: eval.seq_len,

@@ -27,6 +27,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("latency_ms_p10", "ms", False, "10th percentile latency"),
     Metric("latency_ms_p90", "ms", False, "90th percentile latency"),
     Metric("latency_cv", "ratio", False, "coefficient of variation (std/mean) of the repeats: the noise figure"),
+    Metric("latency_spread", "ratio", False,
+           "(max - min) / median of latency_ms over bench.processes independent measurements, each in a fresh "
+           "process with its own compile: the run-to-run noise a replay CV does not see"),
     Metric("latency_e2e_ms", "ms", False,
            "median latency of plain calls with a sync, launch overhead included (= latency_ms on CPU)"),
     Metric("throughput", "samples/s", True, "batch_size / latency"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -201,9 +202,36 @@ def _reference_path(point: Point) -> Path:
 
 def _run(point: Point, quant: dict | None, reference: Path, is_baseline: bool) -> TrialResult:
     spec = point.spec(quant, reference, is_baseline)
-    if point.root.isolate:
-        return run_isolated(spec, point.root.bench.timeout_s)
-    return run_trial(spec)
+    results = []
+    for _ in range(max(1, point.root.bench.processes)):
+        result = run_isolated(spec, point.root.bench.timeout_s) if point.root.isolate else run_trial(spec)
+        if result.status != "ok":
+            return result
+        results.append(result)
+    return combine_measurements(results)
+
+
+# Speed metrics that differ between independent measurements of one point; the rest (drift, size) do not.
+SPEED_METRICS = ("latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_e2e_ms", "throughput",
+                 "prefill_tok_s", "decode_tok_s", "compile_s")
+
+
+def combine_measurements(results: list[TrialResult]) -> TrialResult:
+    """Independent measurements of one point (bench.processes) as one: speed metrics are their median,
+    latency_cv the largest replay CV, latency_spread the relative range of their latencies."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    metrics = dict(first.metrics)
+    for key in SPEED_METRICS:
+        values = [r.metrics[key] for r in results if key in r.metrics]
+        if values:
+            metrics[key] = statistics.median(values)
+    latencies = [r.metrics["latency_ms"] for r in results]
+    metrics["latency_spread"] = (max(latencies) - min(latencies)) / statistics.median(latencies)
+    metrics["latency_cv"] = max(r.metrics["latency_cv"] for r in results)
+    info = {**first.info, "process_latency_ms": latencies}
+    return TrialResult(first.status, first.reason, metrics, info, first.traceback)
 
 
 def _record(point: Point, tracker: Tracker, status: str, reason: str, metrics: dict[str, float],
@@ -218,9 +246,10 @@ def _record(point: Point, tracker: Tracker, status: str, reason: str, metrics: d
             texts["traceback.txt"] = result.traceback
         # How it was measured, searchable in the MLflow UI (a CUDA-graph capture can fall back to e2e).
         tags.update({key: str(result.info[key]) for key in TRIAL_INFO_TAGS if key in result.info})
-        cv = metrics.get("latency_cv")
-        if cv is not None and cv > point.root.bench.max_cv:
-            tags["noisy"] = f"latency_cv {cv:.3f} > bench.max_cv {point.root.bench.max_cv}"
+        for noise in ("latency_cv", "latency_spread"):
+            value = metrics.get(noise)
+            if value is not None and value > point.root.bench.max_cv:
+                tags["noisy"] = f"{noise} {value:.3f} > bench.max_cv {point.root.bench.max_cv}"
     run_id = tracker.record(point.name, status, reason, point.params(), metrics, tags, texts)
     return PointRecord(point.name, status, reason, point.params(), metrics, run_id)
 
