@@ -11,14 +11,9 @@ from qsweep.config import ConfigError, mlflow_uri
 from qsweep.models import build_model
 from qsweep.runner import quantizable_layers, quantize
 from qsweep.schemes import Hardware, build
-from qsweep.search import (
-    build_space,
-    default_storage,
-    default_study_name,
-    recipe_spec,
-    resolve_candidates,
-    run_search,
-)
+from qsweep.search.command import default_study_name, run_search
+from qsweep.search.space import build_space, recipe_spec, resolve_candidates
+from qsweep.search.study import default_storage
 
 SMALL_DIGITS = ["model=digits_mlp", "model.builder.hidden=64", "model.builder.epochs=20"]
 
@@ -131,7 +126,7 @@ def test_a_crashing_trial_is_failed_and_the_search_goes_on(compose):
 def test_measured_verdict_overrides_the_prediction():
     import pandas as pd
 
-    from qsweep.search import measured_verdict
+    from qsweep.search.confirm import measured_verdict
 
     confirmed = pd.DataFrame([
         {"trial": 5, "uniform": "", "counts": '{"int8dq": 1}', "status": "ok", "speedup": 0.92, "accuracy_drop": 0.0},
@@ -164,7 +159,7 @@ def test_measured_verdict_overrides_the_prediction():
 
 
 def test_paired_timing_cancels_a_drifting_host():
-    from qsweep.search import paired_ratio
+    from qsweep.search.confirm import paired_ratio
 
     # The host ran at half speed in round 2: separate timings would disagree by 2x, the ratios do not.
     steady = paired_ratio([10.0, 20.0, 10.0], [5.0, 10.0, 5.0])

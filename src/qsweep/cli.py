@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"run": run_command, "ui": ui_command, "search": _lazy("qsweep.search:search_command"),
+    commands = {"run": run_command, "ui": ui_command, "search": _lazy("qsweep.search.command:search_command"),
                 "select": _lazy("qsweep.select:select_command"), "apply": _lazy("qsweep.select:apply_command"),
                 "report": _lazy("qsweep.report:report_command")}
     try:
