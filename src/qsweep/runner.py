@@ -15,6 +15,7 @@ import os
 import re
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,16 +189,28 @@ def accuracy_metrics(spec: TrialSpec, bundle: ModelBundle, model: nn.Module) -> 
     return _accuracy(spec, bundle, model, getattr(torch, spec.dtype))
 
 
-def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict) -> dict[str, float]:
-    inputs = [to_device(t, spec.device, dtype) for t in bundle.timed_inputs(spec.batch_size, spec.seed)]
-    if spec.compile_cache_dir:  # read by inductor when it compiles, so setting it here is in time
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(spec.compile_cache_dir).resolve())
-    runnable = torch.compile(model, mode=spec.compile_mode) if spec.compile_mode else model
+# torch.compile modes that capture their own CUDA graphs: time them as they are, without another graph.
+GRAPHED_MODES = ("reduce-overhead", "max-autotune")
+
+
+def forward_call(model: nn.Module, inputs: list[torch.Tensor], compile_mode: str | None = None) -> Callable[[], Any]:
+    """model(*inputs) under inference_mode, compiled with `compile_mode` (None: as given). The first
+    call compiles."""
+    runnable = torch.compile(model, mode=compile_mode) if compile_mode else model
 
     def call():
         with torch.inference_mode():
             return runnable(*inputs)
 
+    return call
+
+
+def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict) -> dict[str, float]:
+    inputs = [to_device(t, spec.device, dtype) for t in bundle.timed_inputs(spec.batch_size, spec.seed)]
+    if spec.compile_cache_dir:  # read by inductor when it compiles, so setting it here is in time
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(spec.compile_cache_dir).resolve())
+    runnable = torch.compile(model, mode=spec.compile_mode) if spec.compile_mode else model
+    call = forward_call(runnable, inputs)
     start = time.perf_counter()
     call()  # the first call compiles (and autotunes); keep it out of the latency
     _sync(spec.device)
@@ -205,7 +218,7 @@ def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: 
 
     with measure.PeakMemory(spec.device) as peak:
         call()
-    graphed = spec.compile_mode in ("reduce-overhead", "max-autotune")
+    graphed = spec.compile_mode in GRAPHED_MODES
     stats = measure.time_call(call, device=spec.device, warmup=spec.warmup, repeats=spec.repeats,
                               timing=spec.timing, l2_flush=spec.l2_flush, graphed_already=graphed)
     info.update(timing_mode=stats.mode, peak_mem_kind=peak.kind)

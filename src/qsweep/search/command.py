@@ -14,7 +14,7 @@ import torch
 from qsweep.config import ConfigError, RootConf, load_config, mlflow_uri
 from qsweep.search.confirm import confirm, measured_verdict
 from qsweep.search.evaluate import CostModel, Evaluator
-from qsweep.search.space import NONE, Candidate, _key, build_space, recipe_spec, resolve_candidates
+from qsweep.search.space import NONE, Candidate, build_space, recipe_key, recipe_spec, resolve_candidates
 from qsweep.search.study import (
     Setup,
     best_rows,
@@ -141,7 +141,7 @@ def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, 
     seeds = [space.uniform(n) for n in setup.cands if any(n in v for v in space.free.values())]
     if not table.empty:
         seeds += greedy_seeds(table, space, [b * setup.drift_budget for b in s.seed_budgets])
-    seeds = list({_key(x): x for x in seeds}.values())
+    seeds = list({recipe_key(x): x for x in seeds}.values())
 
     study, new, trials_s = run_trials(setup, seeds)
     trials = trials_table(study, setup)

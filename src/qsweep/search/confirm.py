@@ -4,26 +4,19 @@ in turn with the baseline (paired), and the measured verdict overrides the cost 
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
 from qsweep import measure
-from qsweep.runner import (
-    quantize,
-    run_isolated,
-    run_trial,
-    to_device,
-)
-from qsweep.search.evaluate import _free
+from qsweep.runner import GRAPHED_MODES, forward_call, quantize, run_isolated, run_trial, to_device
+from qsweep.search.evaluate import free_device_memory
 from qsweep.search.space import recipe_spec
-from qsweep.search.study import Setup, _log_trial
+from qsweep.search.study import Setup, log_trial
 from qsweep.sweep import _reference_path, ensure_baseline, relative_to_baseline
 
 
@@ -45,7 +38,7 @@ def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
         if result.status == "ok":
             result.metrics.update(relative_to_baseline(result.metrics, baseline.metrics))
             result.metrics["predicted_speedup"] = r.predicted_speedup
-        _log_trial(setup, int(r.trial), assignment, result.status, result.reason, result.metrics,
+        log_trial(setup, int(r.trial), assignment, result.status, result.reason, result.metrics,
                    result.traceback, role="search-confirm")
         m = result.metrics
         out.append({"trial": int(r.trial), "uniform": r.uniform, "counts": r.counts, "status": result.status,
@@ -73,20 +66,18 @@ def paired_speedups(setup: Setup, rows: pd.DataFrame, rounds: int) -> pd.DataFra
         model = copy.deepcopy(ev.model)
         quantize(model, recipe_spec(json.loads(r.recipe), setup.space, list(setup.cands.values())), {})
         variants[int(r.trial)] = model
-    calls = {}
-    for key, model in variants.items():
-        runnable = torch.compile(model, mode=mode) if mode else model
-        calls[key] = functools.partial(_infer, runnable, inputs)
-        calls[key]()  # compile, warm up
+    calls = {key: forward_call(model, inputs, mode) for key, model in variants.items()}
+    for call in calls.values():
+        call()  # compile, warm up
     times: dict[Any, list[float]] = {key: [] for key in calls}
     for _ in range(rounds):
         for key, call in calls.items():
             stats = measure.time_call(call, device=ev.device, warmup=1, repeats=bench.repeats, timing=setup.point.timing,
-                                      l2_flush=bench.l2_flush, graphed_already=mode in ("reduce-overhead", "max-autotune"))
+                                      l2_flush=bench.l2_flush, graphed_already=mode in GRAPHED_MODES)
             times[key].append(stats.median_ms)
     out = [{"trial": key, **paired_ratio(times["baseline"], times[key])} for key in variants if key != "baseline"]
     del variants, calls
-    _free(ev.device)
+    free_device_memory(ev.device)
     return pd.DataFrame(out, columns=["trial", "paired_speedup", "paired_noise"])
 
 
@@ -95,12 +86,6 @@ def paired_ratio(baseline_ms: list[float], recipe_ms: list[float]) -> dict[str, 
     ratios = np.asarray(baseline_ms) / np.asarray(recipe_ms)
     median = float(np.median(ratios))
     return {"paired_speedup": median, "paired_noise": float(np.ptp(ratios) / 2 / median)}
-
-
-def _infer(model: nn.Module, inputs: list[torch.Tensor]):
-    with torch.inference_mode():
-        return model(*inputs)
-
 
 
 def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float) -> dict[str, Any]:

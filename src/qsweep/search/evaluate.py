@@ -17,8 +17,10 @@ from qsweep import measure
 from qsweep.config import RootConf
 from qsweep.models import build_model
 from qsweep.runner import (
+    GRAPHED_MODES,
     drift_metrics,
     eval_outputs,
+    forward_call,
     quantizable_layers,
     quantize,
     to_device,
@@ -61,11 +63,11 @@ class Evaluator:
         metrics.update(size_bytes=size, size_ratio=self.base_size / size)
         metrics.update(drift_metrics(self.reference, self._outputs(model), self._task(model), self.bundle))
         del model
-        _free(self.device)
+        free_device_memory(self.device)
         return metrics
 
 
-def _free(device: str) -> None:
+def free_device_memory(device: str) -> None:
     if device == "cuda":  # a collection costs ~0.3 s with MLflow and Optuna loaded: only where memory is scarce
         gc.collect()
         torch.cuda.empty_cache()
@@ -133,17 +135,12 @@ class CostModel:
         mode = self.root.compile.mode
         if mode:
             torch._dynamo.reset()
-        runnable = torch.compile(module, mode=mode) if mode else module
-
-        def call():
-            with torch.inference_mode():
-                return runnable(*inputs)
-
+        call = forward_call(module, inputs, mode)
         call()
         bench = self.root.bench
         stats = measure.time_call(call, device=self.ev.device, warmup=bench.warmup, repeats=bench.repeats,
                                   timing=self.timing, l2_flush=bench.l2_flush,
-                                  graphed_already=mode in ("reduce-overhead", "max-autotune"))
+                                  graphed_already=mode in GRAPHED_MODES)
         if mode:
             torch._dynamo.reset()
         # p10, not the median: a cost model wants the layer's own cost, and on a shared host other
@@ -159,7 +156,7 @@ class CostModel:
         x = torch.randn(*(in_shape or (self.root.bench.batch_size, in_f)), device=self.ev.device, dtype=self.ev.dtype)
         out = {"ms": self._time(module, [x]), "bytes": measure.tensor_bytes(module.state_dict())}
         del module
-        _free(self.ev.device)
+        free_device_memory(self.ev.device)
         return out
 
     def _bench_model(self) -> dict:

@@ -123,5 +123,5 @@ def counts(assignment: dict[str, str], space: Space) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _key(assignment: dict[str, str]) -> str:
+def recipe_key(assignment: dict[str, str]) -> str:
     return json.dumps(assignment, sort_keys=True)

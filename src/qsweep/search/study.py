@@ -18,7 +18,7 @@ import pandas as pd
 
 from qsweep.config import ConfigError, RootConf, first_line
 from qsweep.search.evaluate import CostModel, Evaluator
-from qsweep.search.space import NONE, Candidate, Space, _key, counts, recipe_spec
+from qsweep.search.space import NONE, Candidate, Space, counts, recipe_key, recipe_spec
 from qsweep.sweep import Point
 from qsweep.tracking import Tracker
 
@@ -164,13 +164,13 @@ def objective_fn(setup: Setup):
     def objective(trial):
         params = {k: trial.suggest_categorical(k, v) for k, v in setup.space.free.items()}
         assignment = setup.space.complete(params)
-        key = _key(assignment)
+        key = recipe_key(assignment)
         duplicate = key in setup.memo
         started = time.perf_counter()
         try:
             metrics = setup.memo[key] if duplicate else setup.evaluate(assignment)
         except Exception as err:
-            _log_trial(setup, trial.number, assignment, "failed", f"{type(err).__name__}: {first_line(err)[:500]}",
+            log_trial(setup, trial.number, assignment, "failed", f"{type(err).__name__}: {first_line(err)[:500]}",
                        {}, traceback.format_exc())
             print(f"[trial {trial.number}] failed: {type(err).__name__}: {first_line(err)[:200]}", flush=True)
             raise
@@ -182,7 +182,7 @@ def objective_fn(setup: Setup):
         if duplicate:
             trial.set_user_attr("duplicate", True)
         else:
-            trial.set_user_attr("run_id", _log_trial(setup, trial.number, assignment, "ok", "", metrics))
+            trial.set_user_attr("run_id", log_trial(setup, trial.number, assignment, "ok", "", metrics))
         ok = "ok" if drift <= setup.drift_budget else "over budget"
         print(f"[trial {trial.number}] {s.objective} {value:.3f}x  {s.drift_metric} {drift:.4g} ({ok})  "
               f"{counts(assignment, setup.space)}{'  (seen)' if duplicate else ''}  "
@@ -192,7 +192,7 @@ def objective_fn(setup: Setup):
     return objective
 
 
-def _log_trial(setup: Setup, number: int, assignment: dict[str, str], status: str, reason: str,
+def log_trial(setup: Setup, number: int, assignment: dict[str, str], status: str, reason: str,
                metrics: dict[str, float], tb: str | None = None, role: str = "search-trial") -> str:
     """One nested MLflow run: the grid's params and metric schema, the recipe as a JSON artifact."""
     params = {**setup.point.params(), "scheme": "recipe", "granularity": "mixed", "bits": None,
@@ -215,7 +215,7 @@ def run_trials(setup: Setup, seeds: list[dict[str, str]]) -> tuple[Any, int, flo
     study = open_study(setup)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if "metrics" in trial.user_attrs:
-            setup.memo.setdefault(_key(setup.space.complete(trial.params)), trial.user_attrs["metrics"])
+            setup.memo.setdefault(recipe_key(setup.space.complete(trial.params)), trial.user_attrs["metrics"])
     for seed in seeds:
         study.enqueue_trial({k: seed[k] for k in setup.space.free}, skip_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -239,12 +239,12 @@ def run_trials(setup: Setup, seeds: list[dict[str, str]]) -> tuple[Any, int, flo
 def trials_table(study, setup: Setup) -> pd.DataFrame:
     """One row per trial: state, objective, drift, feasibility, recipe and metrics."""
     rows = []
-    uniforms = {_key(setup.space.uniform(n)): n for n in setup.cands}
+    uniforms = {recipe_key(setup.space.uniform(n)): n for n in setup.cands}
     for t in study.trials:
         assignment = setup.space.complete(t.params) if t.params else {}
         metrics = t.user_attrs.get("metrics", {})
-        row = {"trial": t.number, "state": t.state.name, "recipe": _key(assignment),
-               "uniform": uniforms.get(_key(assignment), ""), "counts": json.dumps(t.user_attrs.get("counts", {})),
+        row = {"trial": t.number, "state": t.state.name, "recipe": recipe_key(assignment),
+               "uniform": uniforms.get(recipe_key(assignment), ""), "counts": json.dumps(t.user_attrs.get("counts", {})),
                "duplicate": bool(t.user_attrs.get("duplicate", False))}
         if metrics:
             row.update(value=setup.value(metrics), drift=setup.drift(metrics), **metrics)
@@ -280,7 +280,7 @@ def exhaustive(setup: Setup) -> pd.DataFrame:
     rows = []
     for combo in itertools.product(*free.values()):
         assignment = setup.space.complete(dict(zip(free, combo)))
-        key = _key(assignment)
+        key = recipe_key(assignment)
         try:
             metrics = setup.memo.get(key) or setup.evaluate(assignment)
         except Exception as err:
