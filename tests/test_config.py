@@ -40,6 +40,7 @@ def test_all_groups_are_populated():
     (["bench.repats=3"], ["unknown key 'bench.repats'", "repeats"]),
     (["scheme=intxwo", "scheme.bits=9"], ["scheme.bits=9", "1, 2"]),
     (["device=tpu"], ["device='tpu'", "cuda"]),
+    (["bench.processes=x"], ["bench.processes=x", "could not be converted to Integer"]),
 ])
 def test_bad_input_is_one_clear_line(args, must_name, capsys):
     assert main(["run", *args]) == 2

@@ -285,4 +285,6 @@ def _explain(err: Exception, overrides: list[str]) -> str:
         node = OmegaConf.select(base, parent) if parent else base
         valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
         return f"unknown key {name!r}; valid keys{' under ' + parent if parent else ''}: {valid}"
+    if err.__cause__ is not None:  # a bad value: Hydra's own line only names the override
+        return f"{first_line(err)}: {first_line(err.__cause__)}"
     return first_line(err)
