@@ -79,7 +79,7 @@ def test_search_beats_or_matches_best_uniform_and_resume_adds_trials(compose, tm
     assert first["exhaustive"]["recipes"] == 64
     assert best["value"] <= first["exhaustive"]["optimum"] + 1e-12
     assert first["confirmed"][0]["status"] == "ok" and first["confirmed"][0]["size_ratio"] > 1
-    assert first["measured_by"] == "paired" and first["confirmed"][0]["paired_speedup"] > 0
+    assert first["measured_by"] == "bytes on disk" and first["confirmed"][0]["paired_speedup"] > 0
 
     capsys.readouterr()
     second = run_search(compose(*over, "search.n_trials=14"), over)  # same storage and study: resume
@@ -102,6 +102,24 @@ def test_search_beats_or_matches_best_uniform_and_resume_adds_trials(compose, tm
     assert {"sensitivity.csv", "sensitivity.png", "pareto.png", "trials.csv", "best_recipe.json"} <= artifacts
     saved = json.loads((tmp_path / "search" / default_study_name(root) / "best_recipe.json").read_text())
     assert type(build(saved)).__name__ == "FqnToConfig"
+
+
+def test_a_budget_that_rules_out_uniform_int8_leaves_a_mixed_recipe_strictly_best(compose):
+    # On CPU every quantized scheme stores int8 weights, so uniform int8wo is the smallest recipe; once the
+    # budget is tighter than its drift, only a per-layer recipe can still shrink the model.
+    over = [*SMALL_DIGITS, "search.candidates=[none,int8wo]", "search.objective=size", "search.drift_metric=drift_kl",
+            "search.exhaustive=true", "search.confirm_top_k=1", "search.paired_rounds=0", "search.n_trials=8",
+            "isolate=false"]
+    loose = run_search(compose(*over, "search.max_drift=1", "search.study=loose"), over)
+    assert loose["best"]["uniform"] == "int8wo"
+    budget = 0.8 * loose["best"]["drift"]
+    tight = run_search(compose(*over, f"search.max_drift={budget:.6e}", "search.study=tight"), over)
+    assert tight["best_uniform"]["uniform"] == "none" and tight["best_uniform"]["value"] == 1.0
+    assert tight["best"]["uniform"] is None and tight["best"]["drift"] <= budget
+    assert tight["best"]["value"] > 1.05 and tight["mixed_beats_uniform"]
+    assert tight["best"]["value"] == pytest.approx(tight["exhaustive"]["optimum"])
+    assert tight["measured_by"] == "bytes on disk" and tight["measured_mixed_beats_uniform"]
+    assert tight["measured_best"]["value"] == pytest.approx(tight["best"]["value"])
 
 
 def test_a_crashing_trial_is_failed_and_the_search_goes_on(compose):
@@ -154,7 +172,7 @@ def test_measured_verdict_overrides_the_prediction():
     # Paired timings, where present, decide, with their own spread as the noise.
     confirmed["paired_speedup"], confirmed["paired_noise"] = [1.2, 3.0, 1.5, 1.0], 0.02
     paired = measured_verdict(confirmed, "accuracy_drop", 0.01)
-    assert paired["measured_by"] == "paired" and paired["measured_best"]["trial"] == 2
+    assert paired["measured_by"] == "paired timing" and paired["measured_best"]["trial"] == 2
     assert paired["measured_mixed_beats_uniform"] is False  # uniform int8dq is fastest when paired
 
 

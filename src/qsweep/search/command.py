@@ -164,7 +164,7 @@ def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, 
     if not confirmed.empty:
         confirmed.to_csv(setup.out_dir / "confirmed.csv", index=False)
         result["confirmed"] = confirmed.to_dict("records")
-        result.update(measured_verdict(confirmed, s.drift_metric, setup.drift_budget))
+        result.update(measured_verdict(confirmed, s.drift_metric, setup.drift_budget, s.objective))
     result["wall_s"] = time.perf_counter() - started
     _write_outputs(setup, result, best)
     _print_result(result, confirmed, s)
@@ -274,8 +274,8 @@ def _print_result(result: dict[str, Any], confirmed: pd.DataFrame, s) -> None:
             verdict = "a mixed recipe beats" if result["measured_mixed_beats_uniform"] else "no mixed recipe beats"
             margin = (f" (margin {result['measured_margin']:+.1%}, noise {result['measured_noise']:.1%})"
                       if "measured_margin" in result else "")
-            print(f"measured winner (trial {measured['trial']}, {result['measured_by']} timing): "
-                  f"speedup {measured['speedup']:.3f}x  "
+            print(f"measured winner (trial {measured['trial']}, by {result['measured_by']}): "
+                  f"{measured['metric']} {measured['value']:.3f}x  "
                   f"{measured['counts']}  -> {verdict} the best uniform scheme end to end{margin}")
 
 

@@ -88,30 +88,34 @@ def paired_ratio(baseline_ms: list[float], recipe_ms: list[float]) -> dict[str, 
     return {"paired_speedup": median, "paired_noise": float(np.ptp(ratios) / 2 / median)}
 
 
-def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float) -> dict[str, Any]:
-    """The answer by measurement, which overrides the cost model's prediction: the fastest confirmed
-    recipe within the drift budget, and whether it is mixed and beats the best uniform one by more than
-    the noise. Paired timings (one process, in turn) are used where present, with their spread as the
-    noise; otherwise the isolated trials' speedups, with twice the larger latency CV as the noise, or how
-    far the re-measured unquantized recipe strayed from its baseline if that is larger (run-to-run noise
-    that a within-run CV does not see). A smaller margin proves nothing."""
+def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float,
+                     objective: str = "speedup") -> dict[str, Any]:
+    """The answer by measurement, which overrides the cost model's prediction: the best confirmed recipe
+    within the drift budget, and whether it is mixed and beats the best uniform one by more than the noise.
+    For objective=size the measure is the saved file's size_ratio, which has no noise. For speed, paired
+    timings (one process, in turn) are used where present, with their spread as the noise; otherwise the
+    isolated trials' speedups, with twice the larger latency CV as the noise, or how far the re-measured
+    unquantized recipe strayed from its baseline if that is larger (run-to-run noise that a within-run CV
+    does not see). A smaller margin proves nothing."""
     ok = confirmed[(confirmed["status"] == "ok") & confirmed["speedup"].notna()]
     if drift_metric in ok:
         ok = ok[ok[drift_metric].fillna(math.inf) <= budget]
     if ok.empty:
         return {"measured_best": None, "measured_mixed_beats_uniform": False}
-    paired = "paired_speedup" in ok and bool(ok["paired_speedup"].notna().all())
-    speed = "paired_speedup" if paired else "speedup"
-    ranked = ok.sort_values(speed, ascending=False)
+    paired = objective != "size" and "paired_speedup" in ok and bool(ok["paired_speedup"].notna().all())
+    metric = "size_ratio" if objective == "size" else "paired_speedup" if paired else "speedup"
+    ranked = ok.sort_values(metric, ascending=False)
     top, uniform = ranked.iloc[0], ranked[ranked["uniform"] != ""]
     verdict: dict[str, Any] = {
-        "measured_best": {"trial": int(top["trial"]), "speedup": float(top[speed]),
+        "measured_best": {"trial": int(top["trial"]), "metric": metric, "value": float(top[metric]),
                           "counts": json.loads(top["counts"]), "uniform": top["uniform"] or None},
-        "measured_by": "paired" if paired else "isolated"}
+        "measured_by": "bytes on disk" if objective == "size" else "paired timing" if paired else "isolated timing"}
     if top["uniform"] != "" or uniform.empty:
         return {**verdict, "measured_mixed_beats_uniform": top["uniform"] == ""}
     rival = uniform.iloc[0]
-    if paired:
+    if objective == "size":
+        noise = 0.0
+    elif paired:
         noise = max(float(top["paired_noise"]), float(rival["paired_noise"]))
     else:
         cvs = [row.get("latency_cv") for row in (top, rival)]
@@ -119,6 +123,6 @@ def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float) 
         unquantized = ok[ok["uniform"] == "none"]["speedup"]
         if len(unquantized):
             noise = max(noise, abs(1 - float(unquantized.iloc[0])))
-    margin = top[speed] / rival[speed] - 1
+    margin = top[metric] / rival[metric] - 1
     return {**verdict, "measured_margin": float(margin), "measured_noise": float(noise),
             "measured_mixed_beats_uniform": bool(margin > noise)}
