@@ -19,14 +19,12 @@ for stage in $stages; do
       grep -rh --include=trial_info.json -o '"[a-z_]*timing_mode": "[^"]*"' "$out/probe" | sort | uniq -c ;;
     ffn) python3 benchmarks/run_benchmark.py benchmarks/gpu_bench.yaml output_dir="$out/ffn" ;;
     lm) python3 benchmarks/run_benchmark.py benchmarks/lm_bench.yaml output_dir="$out/lm" ;;
-    search)  # 4 Llama-8B layers timed as one decode-shaped step (bench.tokens=1), two KL budgets
-      for budget in 0.01 0.003; do
-        python3 -m qsweep search model=llama3_1_8b_4layers device=cuda bench=gpu compile=none \
-          "search.candidates=[none,int8wo,int4wo,float8dq:per_row]" search.drift_metric=drift_kl \
-          search.max_drift=$budget search.study=llama8b_4layers-kl$budget search.n_trials=60 \
-          search.timeout_s=200 search.confirm_top_k=3 bench.tokens=1 eval.n_samples=16 eval.batch_size=16 \
-          tracking.experiment=search-gpu output_dir="$out/search"
-      done ;;
+    search)  # 4 Llama-8B layers, each timed as one decode-shaped step (bench.tokens=1), KL budget 0.01
+      python3 -m qsweep search model=llama3_1_8b_4layers device=cuda bench=gpu compile=none \
+        "search.candidates=[none,int8wo,int4wo,float8dq:per_row]" search.drift_metric=drift_kl \
+        search.max_drift=0.01 search.study=llama8b_4layers-kl0.01 search.n_trials=60 \
+        search.timeout_s=200 search.confirm_top_k=2 search.paired_rounds=5 bench.tokens=1 \
+        eval.n_samples=16 eval.batch_size=16 tracking.experiment=search-gpu output_dir="$out/search" ;;
     search_qwen)  # the ~0.5B preset: at 16 tokens its layers were too small for quantized kernels to pay off
       python3 -m qsweep search model=qwen2_5_0_5b device=cuda bench=gpu compile=none \
         "search.candidates=[none,int8wo,int4wo,float8dq:per_row]" search.drift_metric=drift_kl \
