@@ -244,7 +244,8 @@ def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: 
             return measure.time_call(fn, device=spec.device, warmup=spec.warmup, repeats=spec.repeats,
                                      timing=spec.timing, l2_flush=spec.l2_flush, graphed_already=graphed)
 
-        prompt = tuple(to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed))
+        prompt = tuple(inputs) if bundle.speed_inputs is None else tuple(  # the timed inputs are the prompt
+            to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed))
         metrics.update(bundle.extra_speed(runnable, prompt, timer, info))
     return metrics
 
