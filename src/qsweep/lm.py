@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,13 @@ def load_model(name_or_path: str | None, random_init: bool, config: dict | None,
         if not name_or_path:
             raise ConfigError("model.builder.name_or_path is required: a hub id or a local directory "
                               "(or set model.builder.random_init=true)")
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
+        except pickle.UnpicklingError as err:  # a pytorch_model.bin that is more than weights
+            from qsweep.models import unsafe_pickle
+
+            raise unsafe_pickle(f"the weights of {name_or_path}", err) from None
     return model.eval()
 
 

@@ -38,6 +38,18 @@ class ModelBundle:
         return (self.speed_inputs or self.make_inputs)(batch_size, seed)
 
 
+# The builders a recipe file may name (`builder._target_`), by their full dotted name. A recipe is shared
+# data, so it may not name just any callable, nor one found by a name prefix (a module's imports are
+# reachable under its name): only functions registered here with @recipe_builder.
+RECIPE_BUILDERS: dict[str, Callable[..., ModelBundle]] = {}
+
+
+def recipe_builder(fn: Callable[..., ModelBundle]) -> Callable[..., ModelBundle]:
+    """Register a model builder as one that recipe files may name."""
+    RECIPE_BUILDERS[f"{fn.__module__}.{fn.__name__}"] = fn
+    return fn
+
+
 def build_model(builder: dict, seed: int) -> ModelBundle:
     """Call the builder named by `builder["_target_"]` with the remaining keys, under a fixed seed."""
     import importlib
@@ -48,6 +60,25 @@ def build_model(builder: dict, seed: int) -> ModelBundle:
     bundle = fn(**{k: v for k, v in builder.items() if k != "_target_"})
     bundle.model.eval()
     return bundle
+
+
+def load_weights(path, device: str = "cpu") -> dict:
+    """A state_dict saved with torch.save, loaded with weights_only=True: a file holding Python objects
+    (a pickle that could run code) is refused with one line naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise unsafe_pickle(path, err) from None
+
+
+def unsafe_pickle(path, err: Exception) -> Exception:
+    """The one-line refusal of a torch file that holds more than tensors (torch's own message is 10 lines)."""
+    from qsweep.config import ConfigError
+
+    why = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "not plain tensors")
+    return ConfigError(f"refusing to load {path}: it holds Python objects, not just weights ({why})")
 
 
 def _gaussian_inputs(*shape: int) -> Callable[[int, int], tuple[torch.Tensor, ...]]:
@@ -70,6 +101,7 @@ class ToyLinearModel(nn.Module):
         return self.linear2(self.linear1(x))
 
 
+@recipe_builder
 def toy_linear(in_features: int = 1024, hidden: int = 1024, out_features: int = 1024) -> ModelBundle:
     return ModelBundle(ToyLinearModel(in_features, hidden, out_features), _gaussian_inputs(in_features))
 
@@ -95,6 +127,7 @@ class TransformerBlock(nn.Module):
         return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
 
 
+@recipe_builder
 def transformer_block(dim: int = 256, heads: int = 4, mlp_ratio: int = 4, seq_len: int = 16) -> ModelBundle:
     return ModelBundle(TransformerBlock(dim, heads, mlp_ratio), _gaussian_inputs(seq_len, dim))
 
@@ -120,6 +153,7 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@recipe_builder
 def digits_mlp(hidden: int = 512, depth: int = 3, epochs: int = 40, cache_dir: str = "outputs/models",
                seed: int = 0) -> ModelBundle:
     """An MLP classifier trained on the digits data on first use (seconds on CPU), then cached.
@@ -132,7 +166,7 @@ def digits_mlp(hidden: int = 512, depth: int = 3, epochs: int = 40, cache_dir: s
     model = _mlp([64] + [hidden] * (depth - 1) + [10])
     checkpoint = Path(cache_dir) / f"digits_mlp-h{hidden}-d{depth}-e{epochs}-s{seed}.pt"
     if checkpoint.exists():
-        model.load_state_dict(torch.load(checkpoint, weights_only=True))
+        model.load_state_dict(load_weights(checkpoint))
     else:
         _train(model, x_train, y_train, epochs, seed)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +211,7 @@ class GatedFFN(nn.Module):
         return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
 
 
+@recipe_builder
 def ffn_stack(dim: int = 4096, hidden: int = 14336, layers: int = 4) -> ModelBundle:
     """Residual stack of Llama feed-forward blocks: the weight-bound part of an LM, without attention."""
 
@@ -191,6 +226,7 @@ def ffn_stack(dim: int = 4096, hidden: int = 14336, layers: int = 4) -> ModelBun
             return x
 
     return ModelBundle(Stack(), _gaussian_inputs(dim))
+@recipe_builder
 def hf_causal_lm(name_or_path: str | None = None, random_init: bool = False, config: dict | None = None,
                  tokenizer: str = "auto", dtype: str | None = None, trust_remote_code: bool = False,
                  text: str = "builtin", seq_len: int = 128, n_samples: int = 256, batch_size: int = 8,

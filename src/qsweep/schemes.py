@@ -8,6 +8,7 @@ classes from torchao's quantization namespace (a recipe is data, never code to r
 
 from __future__ import annotations
 
+import enum
 import importlib
 import re
 from dataclasses import dataclass
@@ -107,13 +108,28 @@ def build(spec: Any) -> Any:
     return _allowed_class(spec["_target_"])(**kwargs)
 
 
-def _allowed_class(target: str) -> type:
-    module_name, _, attr = target.rpartition(".")
+def _allowed_class(target: Any) -> type:
+    """A class a spec may build: a torchao config, granularity or enum, defined in torchao itself.
+
+    The name must be reached through torchao.quantization, and the class's own module and base class are
+    checked too: torchao's modules re-export torch classes (`...pt2e.fake_quantize.Module` is
+    torch.nn.Module), which a name rule alone would admit.
+    """
+    from torchao.core.config import AOBaseConfig
+    from torchao.quantization.granularity import Granularity
+
+    module_name, _, attr = str(target).rpartition(".")
+    refusal = ConfigError(f"refusing to build {target!r}: only torchao configs, granularities and enums "
+                          f"reached through {', '.join(ALLOWED_MODULES)} are allowed")
     if not module_name.startswith(ALLOWED_MODULES) or not re.fullmatch(r"[A-Z]\w*", attr):
-        raise ConfigError(f"refusing to build {target!r}: only classes from {', '.join(ALLOWED_MODULES)} are allowed")
-    cls = getattr(importlib.import_module(module_name), attr, None)
-    if not isinstance(cls, type):
-        raise ConfigError(f"{target!r} is not a class in {module_name}")
+        raise refusal
+    try:
+        cls = getattr(importlib.import_module(module_name), attr, None)
+    except ImportError:
+        raise refusal from None
+    if not (isinstance(cls, type) and cls.__module__.startswith("torchao.")
+            and issubclass(cls, (AOBaseConfig, Granularity, enum.Enum))):
+        raise refusal
     return cls
 
 

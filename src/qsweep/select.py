@@ -1,13 +1,11 @@
-"""Pick the configuration to ship from the tracked runs, export it as a recipe file, apply and verify it.
+"""Pick the configuration to ship from the tracked runs and export it as a recipe file.
 
     qsweep select experiment=<name> select.max_drift=0.01 select.objective=speedup   -> recipes/<name>.yaml
-    qsweep apply recipe=<output_dir>/recipes/<name>.yaml                            -> checkpoints/<name>/
 
 Selection reads every run of one MLflow experiment (grid points and per-layer search trials alike),
-keeps the measured ones (`status=ok`) of one model/device/dtype, applies the constraints, marks the
-Pareto front over speedup, size, memory and drift, and picks by the objective. A recipe is data: the
-torchao config as a plain spec built only from torchao.quantization classes (`schemes.build`), and a
-model builder only from qsweep.models.
+keeps the measured ones (`status=ok`, finite metrics) of one model/device/dtype, applies the
+constraints, marks the Pareto front over speedup, size, memory and drift, and picks by the objective.
+The recipe file format is `qsweep.recipe`; `qsweep.apply` turns a recipe into a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -24,17 +21,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import yaml
 from omegaconf import OmegaConf
 
 from qsweep import schemes
 from qsweep.config import ConfigError, RootConf, SelectConf, load_config, mlflow_uri
-from qsweep.measure import model_size_bytes
 from qsweep.metrics import BY_NAME, METRICS
-from qsweep.runner import to_device
-from qsweep.sweep import QUANT_SPEC_FILE, resolve_device, versions
+from qsweep.recipe import Recipe, export_recipe, safe_name
+from qsweep.sweep import QUANT_SPEC_FILE
 
+# Exit code of `qsweep select` when no run meets the constraints (a best-effort recipe is still written).
+NO_FEASIBLE_EXIT = 3
 ROLE_TAG = "qsweep.role"
 NOT_POINTS = ("report", "apply")  # roles of runs that are not measurements of a config
 PARENT_ROLES = ("search-study",)  # a search's parent run: a summary, its trials are the points
@@ -47,7 +43,6 @@ PARETO_DIMS = {"speedup": True, "size_ratio": True, "peak_mem_bytes": False, "co
 AS_COST = {"drift_cosine": ("1 - drift_cosine", lambda v: 1 - v),
            "top1_agreement": ("1 - top1_agreement", lambda v: 1 - v),
            "drift_sqnr_db": ("-drift_sqnr_db (dB)", lambda v: -v)}
-BUILDER_MODULE = "qsweep.models."
 SHORTHANDS = {"experiment": "select.experiment", "recipe": "select.recipe", "name": "select.name"}
 
 
@@ -240,9 +235,12 @@ def select(frame: pd.DataFrame, sel: SelectConf) -> Selection:
     rows = candidates(frame, sel)
     metric = resolve_drift_metric(rows, sel)
     rows["cost"], label = drift_cost(rows, metric, sel.relative)
-    rows = rows[rows["cost"].notna()]
+    # A NaN cost or an infinite metric is not a measurement (NaN/Inf outputs): never a candidate. A metric
+    # the run does not have (NaN here) only ranks it last.
+    infinite = np.isinf(rows[[m.name for m in METRICS]].astype(float)).any(axis=1)
+    rows = rows[np.isfinite(rows["cost"].astype(float)) & ~infinite]
     if rows.empty:
-        raise ConfigError(f"no measured run has {metric}; choose another select.drift_metric")
+        raise ConfigError(f"no measured run has a finite {metric}; choose another select.drift_metric")
     rows = apply_constraints(rows, sel)
     rows["pareto"] = pareto_front(rows)
     feasible = rows[rows["feasible"]]
@@ -264,23 +262,6 @@ def _violations(row: pd.Series, sel: SelectConf, label: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- recipes
-
-@dataclass
-class Recipe:
-    """What to ship: the torchao config (plain spec) and the model it was measured on, with provenance."""
-
-    name: str
-    quant: dict  # uniform spec, or {"_target_": "torchao.quantization.FqnToConfig", "fqn_to_config": {...}}
-    model: dict  # {name, builder: {_target_: qsweep.models.<fn>, ...}, quantize_filter}
-    dtype: str
-    eval: dict  # {n_samples, batch_size, seed}: how the recorded drift was measured
-    metrics: dict[str, float]
-    selection: dict  # constraints, objective, drift metric, feasible, counts
-    source: dict  # {experiment, run_id, run_name, kind}
-    hardware: dict  # {device, device_name}
-    versions: dict
-    created: str
-
 
 def run_quant_spec(client, run: pd.Series) -> dict:
     """The plain torchao spec of a run: its quant_spec.json (or a search trial's recipe.json) artifact,
@@ -356,183 +337,25 @@ def build_recipe(selection: Selection, sel: SelectConf, experiment: str, quant: 
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def export_recipe(recipe: Recipe, path: Path) -> Path:
-    """Write a recipe as readable YAML (block style, keys in a fixed order)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# qsweep recipe: {recipe.source['run_name']} from experiment {recipe.source['experiment']}\n"
-              f"# apply: qsweep apply recipe={path}\n")
-    path.write_text(header + yaml.safe_dump(asdict(recipe), sort_keys=False, default_flow_style=False))
-    return path
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and check a recipe. Only torchao.quantization classes and qsweep.models builders are allowed;
-    anything else raises ConfigError (a recipe is data, never code to run)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"recipe {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text())
-    keys = [f.name for f in Recipe.__dataclass_fields__.values()]
-    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise ConfigError(f"recipe {path} lacks {', '.join(missing)}")
-    recipe = Recipe(**{k: data[k] for k in keys})
-    schemes.build(recipe.quant)  # raises ConfigError on a class outside torchao.quantization
-    _check_builder(recipe.model.get("builder"))
-    return recipe
-
-
-def _check_builder(builder: Any) -> None:
-    target = builder.get("_target_", "") if isinstance(builder, dict) else ""
-    if not re.fullmatch(re.escape(BUILDER_MODULE) + r"[a-z_]\w*", target):
-        raise ConfigError(f"refusing model builder {target!r}: recipes may only name functions in {BUILDER_MODULE}*")
-
-
-def recipe_name(text: str) -> str:
-    """A safe file name from an experiment or user-given name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "recipe"
-
-
-def mark_selected(client, experiment: str, run_id: str, feasible: bool, recipe_path: Path) -> None:
+def mark_selected(client, experiment: str, run_id: str, recipe_path: Path) -> None:
     """Tag the chosen run selected=true (clearing an earlier choice in the experiment)."""
     found = client.get_experiment_by_name(experiment)
     for old in client.search_runs([found.experiment_id], filter_string="tags.selected = 'true'"):
         if old.info.run_id != run_id:
             client.delete_tag(old.info.run_id, "selected")
     client.set_tag(run_id, "selected", "true")
-    client.set_tag(run_id, "selected.feasible", str(feasible).lower())
     client.set_tag(run_id, "selected.recipe", str(recipe_path))
-
-
-# ---------------------------------------------------------------- apply and verify
-
-@dataclass
-class Applied:
-    checkpoint: Path
-    fmt: str  # "safetensors" | "torch"
-    metrics: dict[str, float]  # re-measured on the reloaded model
-    verification: dict[str, Any]
-
-
-def apply_recipe(recipe: Recipe, device: str, directory: Path, sel: SelectConf | None = None) -> Applied:
-    """Quantize the recipe's model, save the checkpoint, reload it into a fresh model and re-measure it.
-
-    The reloaded model is compared with the in-memory quantized one (outputs must match exactly) and
-    its drift and size with the recipe's recorded metrics, within sel.drift_tol and sel.size_tol.
-    """
-    from qsweep.models import build_model
-    from qsweep.runner import quantizable_layers, quantize
-
-    dtype = getattr(torch, recipe.dtype)
-    bundle = build_model(recipe.model["builder"], recipe.eval["seed"])
-    model = bundle.model.to(dtype).to(device)
-    quantize(model, recipe.quant, quantizable_layers(model, recipe.model.get("quantize_filter")))
-    sel = sel or SelectConf()
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpoint, fmt = save_checkpoint(model.state_dict(), directory, sel.checkpoint_format)
-
-    fresh = build_model(recipe.model["builder"], recipe.eval["seed"])
-    fresh.model = fresh.model.to(dtype).to(device)
-    fresh.model.load_state_dict(load_checkpoint(checkpoint, device), assign=True)
-    metrics = remeasure(recipe, fresh, device)
-    metrics["size_bytes"] = float(model_size_bytes(fresh.model))
-    inputs = fresh.make_inputs(recipe.eval["batch_size"], recipe.eval["seed"] + 1)
-    reload_diff = _max_diff(model, fresh.model, inputs, device, dtype)
-    return Applied(checkpoint, fmt, metrics, verify(recipe, metrics, reload_diff, sel))
-
-
-def save_checkpoint(state_dict: dict, directory: Path, fmt: str = "auto") -> tuple[Path, str]:
-    """Save a quantized state_dict: safetensors through torchao's flatten helper where it supports every
-    tensor type (fmt=auto|safetensors), else torch.save (fmt=auto|torch). Returns (path, format)."""
-    if fmt in ("auto", "safetensors"):
-        from safetensors.torch import save_file
-        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-
-        try:
-            tensors, metadata = flatten_tensor_state_dict(state_dict)
-        except ValueError as err:  # a tensor subclass torchao cannot flatten yet
-            if fmt == "safetensors":
-                raise ConfigError(f"safetensors cannot hold this checkpoint: {err}") from None
-        else:
-            path = directory / "model.safetensors"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-            return path, "safetensors"
-    path = directory / "model.pt"
-    torch.save(state_dict, path)
-    return path, "torch"
-
-
-def load_checkpoint(path: Path, device: str = "cpu") -> dict:
-    """The state_dict of a checkpoint written by save_checkpoint (tensor subclasses rebuilt, weights only)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata()
-        state, leftover = unflatten_tensor_state_dict(load_file(str(path), device=device), metadata)
-        if leftover:
-            raise ValueError(f"{path}: tensors without metadata: {sorted(leftover)[:5]}")
-        return state
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def remeasure(recipe: Recipe, bundle, device: str) -> dict[str, float]:
-    """Drift and task metrics of a model vs a freshly built baseline, with the recipe's eval settings."""
-    from qsweep.models import build_model
-    from qsweep.runner import TrialSpec, accuracy_metrics
-
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = TrialSpec(model_builder=recipe.model["builder"], quant=None, device=device, dtype=recipe.dtype,
-                         batch_size=recipe.eval["batch_size"], eval_samples=recipe.eval["n_samples"],
-                         eval_batch_size=recipe.eval["batch_size"], seed=recipe.eval["seed"],
-                         reference_path=str(Path(tmp) / "reference.pt"), is_baseline=True)
-        base = build_model(recipe.model["builder"], recipe.eval["seed"])
-        base.model = base.model.to(getattr(torch, recipe.dtype)).to(device)
-        accuracy_metrics(spec, base, base.model)
-        spec.is_baseline = False
-        return accuracy_metrics(spec, bundle, bundle.model)
-
-
-def _max_diff(a: torch.nn.Module, b: torch.nn.Module, inputs, device: str, dtype) -> float:
-    moved = [to_device(t, device, dtype) for t in inputs]
-    with torch.inference_mode():
-        out_a, out_b = a(*moved), b(*moved)
-    out_a, out_b = (getattr(o, "logits", o) for o in (out_a, out_b))
-    return (out_a.float() - out_b.float()).abs().max().item()
-
-
-def verify(recipe: Recipe, metrics: dict[str, float], reload_diff: float, sel: SelectConf | None = None) -> dict:
-    """Compare re-measured metrics with the recorded ones: drift cost within drift_tol, size within size_tol,
-    and the reloaded model's outputs identical to the quantized model's."""
-    sel = sel or SelectConf()
-    metric, relative = recipe.selection["drift_metric"], recipe.selection["relative"]
-    recorded = drift_cost(pd.DataFrame([_with_schema(recipe.metrics)]), metric, relative)[0].iloc[0]
-    measured = drift_cost(pd.DataFrame([_with_schema(metrics)]), metric, relative)[0].iloc[0]
-    size_rec, size_new = recipe.metrics.get("size_bytes", math.nan), metrics.get("size_bytes", math.nan)
-    size_rel = abs(size_new - size_rec) / size_rec if size_rec else math.nan
-    checks = {
-        "drift": {"metric": recipe.selection["cost_label"], "recorded": float(recorded), "measured": float(measured),
-                  "abs_diff": float(abs(measured - recorded)), "tolerance": sel.drift_tol,
-                  "ok": bool(abs(measured - recorded) <= sel.drift_tol)},
-        "size_bytes": {"recorded": size_rec, "measured": size_new, "rel_diff": size_rel, "tolerance": sel.size_tol,
-                       "ok": bool(size_rel <= sel.size_tol)},
-        "reload": {"max_abs_output_diff": reload_diff, "ok": reload_diff == 0.0},
-    }
-    info = {k: {"recorded": recipe.metrics.get(k), "measured": metrics.get(k)}
-            for k in ("drift_sqnr_db", "drift_cosine", "task_metric") if k in metrics}
-    return {"ok": all(c["ok"] for c in checks.values()), **checks, "info": info}
-
-
-def _with_schema(values: dict[str, float]) -> dict[str, float]:
-    return {m.name: values.get(m.name, math.nan) for m in METRICS}
 
 
 # ---------------------------------------------------------------- commands
 
 def select_command(args: list[str]) -> int:
-    """`qsweep select experiment=<name> select.max_drift=0.01 select.objective=speedup`."""
+    """`qsweep select experiment=<name> select.max_drift=0.01 select.objective=speedup`.
+
+    Writes recipes/<name>.yaml and tags the run selected=true. When no run meets the constraints, the
+    least-violating run is written to recipes/<name>.best-effort.yaml instead (a feasible recipe and the
+    `selected` tag are left alone) and the exit code is NO_FEASIBLE_EXIT.
+    """
     import mlflow
 
     root, _ = load_config(select_overrides(args))
@@ -542,13 +365,15 @@ def select_command(args: list[str]) -> int:
     client = mlflow.MlflowClient(tracking_uri=uri)
     quant = run_quant_spec(client, selection.run)
     model, evaluation = run_context(client, frame, selection.run, root)
-    name = recipe_name(sel.name or experiment)
+    name = safe_name(sel.name or experiment)
     recipe = build_recipe(selection, sel, experiment, quant, model, evaluation, name)
-    path = export_recipe(recipe, Path(root.output_dir) / "recipes" / f"{name}.yaml")
-    mark_selected(client, experiment, selection.run["run_id"], selection.feasible, path)
+    file_name = f"{name}.yaml" if selection.feasible else f"{name}.best-effort.yaml"
+    path = export_recipe(recipe, Path(root.output_dir) / "recipes" / file_name)
+    if selection.feasible:
+        mark_selected(client, experiment, selection.run["run_id"], path)
     print(describe_selection(selection, sel))
     print(f"recipe: {path}")
-    return 0
+    return 0 if selection.feasible else NO_FEASIBLE_EXIT
 
 
 def describe_selection(selection: Selection, sel: SelectConf) -> str:
@@ -571,52 +396,3 @@ def describe_selection(selection: Selection, sel: SelectConf) -> str:
     if run["speedup"] < 1:
         lines.append("note: the selected config is slower than the unquantized baseline on this device")
     return "\n".join(lines)
-
-
-def apply_command(args: list[str]) -> int:
-    """`qsweep apply recipe=<path> [model=<name>]`: quantize, save, reload, verify, log to MLflow."""
-    from qsweep.tracking import Tracker
-
-    root, _ = load_config(select_overrides(args))
-    if not root.select.recipe:
-        raise ConfigError("qsweep apply needs recipe=<path of a recipe file>")
-    recipe = load_recipe(root.select.recipe)
-    if any(a.startswith("model=") for a in args):  # apply to another model config of the same name
-        recipe.model = {"name": root.model.name, "builder": dict(root.model.builder),
-                        "quantize_filter": root.model.quantize_filter}
-        _check_builder(recipe.model["builder"])
-    if not recipe.selection.get("feasible", True):
-        print("warning: this recipe is a best-effort pick that violates the selection constraints")
-    device = resolve_device(root)
-    directory = Path(root.output_dir) / "checkpoints" / recipe.name
-    applied = apply_recipe(recipe, device, directory, root.select)
-    (directory / "recipe.yaml").write_text(Path(root.select.recipe).read_text())
-    (directory / "verification.json").write_text(json.dumps(applied.verification, indent=1))
-    tracker = Tracker(mlflow_uri(root), recipe.source["experiment"])
-    tracker.record(f"apply-{recipe.name}", "ok", "", _apply_params(recipe, applied, device),
-                   applied.metrics, {ROLE_TAG: "apply", "model": recipe.model["name"],
-                                     "verified": str(applied.verification["ok"]).lower()},
-                   {"recipe.yaml": Path(root.select.recipe).read_text(),
-                    "verification.json": json.dumps(applied.verification, indent=1)})
-    print(describe_verification(applied))
-    return 0 if applied.verification["ok"] else 1
-
-
-def _apply_params(recipe: Recipe, applied: Applied, device: str) -> dict[str, Any]:
-    return {"recipe": recipe.name, "source_run_id": recipe.source["run_id"], "source_run": recipe.source["run_name"],
-            "model": recipe.model["name"], "device": device, "dtype": recipe.dtype,
-            "checkpoint": str(applied.checkpoint), "checkpoint_format": applied.fmt, **versions()}
-
-
-def describe_verification(applied: Applied) -> str:
-    v = applied.verification
-    drift, size = v["drift"], v["size_bytes"]
-    return "\n".join([
-        f"checkpoint: {applied.checkpoint} ({applied.fmt}, {applied.checkpoint.stat().st_size} bytes)",
-        f"drift {drift['metric']}: recorded {drift['recorded']:.5g}, re-measured {drift['measured']:.5g} "
-        f"(|diff| {drift['abs_diff']:.2g} <= {drift['tolerance']:g}: {drift['ok']})",
-        f"size_bytes: recorded {size['recorded']:.0f}, re-measured {size['measured']:.0f} "
-        f"(rel diff {size['rel_diff']:.2%} <= {size['tolerance']:.0%}: {size['ok']})",
-        f"reloaded vs quantized outputs: max |diff| {v['reload']['max_abs_output_diff']:.3g}",
-        "verified" if v["ok"] else "VERIFICATION FAILED",
-    ])
