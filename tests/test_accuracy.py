@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from qsweep import sweep
-from qsweep.accuracy import accuracy_drop, logits_drift, output_drift
+from qsweep.accuracy import (
+    NonFiniteError,
+    accuracy_drop,
+    check_outputs,
+    logits_drift,
+    non_finite_outputs,
+    output_drift,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +89,13 @@ def test_drift_functions_on_known_values():
     assert flipped["top1_agreement"] == 0.0 and flipped["drift_kl"] > 1.0
     assert accuracy_drop(0.97, 0.90, higher_is_better=True) == pytest.approx(0.07)
     assert accuracy_drop(10.0, 12.0, higher_is_better=False) == pytest.approx(0.2)
+
+
+def test_non_finite_outputs_say_which_and_how_much():
+    assert non_finite_outputs(torch.ones(2, 2)) is None
+    assert non_finite_outputs(torch.full((2, 2), math.nan)) == "100% NaN"
+    mixed = torch.tensor([[1.0, math.nan], [math.inf, -math.inf]])
+    assert non_finite_outputs(mixed) == "25% NaN, 50% Inf"
+    assert non_finite_outputs(torch.tensor([1, 2])) is None  # integer outputs cannot be NaN
+    with pytest.raises(NonFiniteError, match=r"^non-finite outputs: 25% NaN, 50% Inf$"):
+        check_outputs(mixed)

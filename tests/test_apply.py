@@ -47,7 +47,7 @@ def test_uniform_recipe_round_trips(digits_grid, capsys):
     assert main(["select", f"output_dir={out}", *FAST, *DIGITS, "select.objective=size_ratio",
                  "select.max_drift=0.05"]) == 0
     recipe = load_recipe(out / "recipes" / "digits_mlp.yaml")
-    assert recipe.source["run_name"] == "int8wo-per_row-none"  # int8 per-row is the smallest at this size
+    assert recipe.source["run_name"] == "digits_mlp/int8wo-per_row-none"  # int8 per-row is the smallest at this size
     assert recipe.quant["_target_"] == "torchao.quantization.Int8WeightOnlyConfig"
     check = _apply(out, out / "recipes" / "digits_mlp.yaml")
     assert check["ok"] and check["reload"]["max_abs_output_diff"] == 0.0
@@ -137,3 +137,18 @@ def test_unknown_layer_in_per_layer_recipe_is_one_line(digits_grid, tmp_path, ca
     assert main(["apply", f"recipe={path}", f"output_dir={out}", *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "qsweep: error: recipe fqn: 1 layer name(s) match no module of model digits_mlp: layers.9"
+
+
+def test_apply_of_a_model_with_nan_outputs_fails_verification(tmp_path):
+    from qsweep.apply import apply_recipe, describe_verification
+    from qsweep.recipe import Recipe
+
+    recipe = Recipe(name="nan", quant={"_target_": "torchao.quantization.Int8WeightOnlyConfig"},
+                    model={"name": "fragile", "builder": {"_target_": "fragile_models.fragile_toy",
+                                                          "how": "nan_outputs"}},
+                    dtype="float32", eval={"n_samples": 8, "batch_size": 8, "seed": 0}, metrics={},
+                    selection={"drift_metric": "drift_cosine", "relative": False, "cost_label": "1 - drift_cosine"},
+                    source={}, hardware={}, versions={}, created="")
+    applied = apply_recipe(recipe, "cpu", tmp_path)
+    assert applied.verification["ok"] is False
+    assert "non-finite outputs: 100% NaN" in describe_verification(applied)

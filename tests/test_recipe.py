@@ -104,11 +104,16 @@ def test_pickled_model_cache_is_refused_in_one_line(tmp_path, capsys):
     """digits_mlp caches its trained weights; a cache file holding a pickle that runs code is refused."""
     marker, cache = tmp_path / "MARKER", tmp_path / "out" / "models"
     cache.mkdir(parents=True)
-    torch.save({"x": Evil(marker)}, cache / "digits_mlp-h32-d2-e1-s0.pt")
+    from qsweep.models import build_model
+
+    build_model({"_target_": "qsweep.models.digits_mlp", "hidden": 32, "depth": 2, "epochs": 1,
+                 "cache_dir": str(cache)}, seed=0)
+    (cached,) = cache.glob("digits_mlp-*.pt")
+    torch.save({"x": Evil(marker)}, cached)  # the cached weights replaced by a pickle that runs code
     builder = {"_target_": "qsweep.models.digits_mlp", "hidden": 32, "depth": 2, "epochs": 1,
                "cache_dir": "/somewhere/else"}  # apply points the cache into its own output_dir
     err = apply_refused(tmp_path, capsys, recipe_dict(model={"name": "digits_mlp", "builder": builder}))
-    assert "refusing to load" in err and "digits_mlp-h32-d2-e1-s0.pt" in err and "posix.system" in err
+    assert "refusing to load" in err and cached.name in err and "posix.system" in err
     assert not marker.exists()
 
 

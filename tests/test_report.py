@@ -25,7 +25,9 @@ def test_report_writes_table_and_plots(tmp_path, capsys):
     assert main(["report", f"output_dir={tmp_path}", "experiment=known"]) == 0
     directory = tmp_path / "reports" / "known"
     assert (tmp_path / "mlartifacts" / "known").is_dir()  # artifacts beside the SQLite store, not in the cwd
-    table = pd.read_csv(directory / "points.csv").set_index("run")
+    table = pd.read_csv(directory / "points.csv")
+    assert list(table.columns[:2]) == ["model", "run"] and set(table["model"]) == {"digits_mlp"}  # model first
+    table = table.set_index("run")
     # every point but the search's parent: baseline, the grid, the failed run, the search trial
     assert set(table.index) == {"none-max-autotune", *GRID, "int4wo-g32-max-autotune", "trial-3"}
     assert table.loc["int4wo-g32-max-autotune", "status"] == "failed"
@@ -35,6 +37,7 @@ def test_report_writes_table_and_plots(tmp_path, capsys):
     assert list(table.index[:2]) == ["int4wo-g128-max-autotune", "trial-3"]  # ok points first, fastest first
     markdown = (directory / "points.md").read_text()
     assert markdown.count("\n") == len(table) + 2 and "| trial-3 " in markdown
+    assert markdown.split("|")[1].strip() == "model"
     for name in ("pareto", "schemes", "sensitivity"):
         height, width, _ = matplotlib.image.imread(directory / f"{name}.png").shape
         assert height > 200 and width > 400

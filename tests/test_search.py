@@ -1,6 +1,7 @@
 """Per-layer search: FqnToConfig recipes, grouping, beats-or-matches uniform, resume, crashing trials."""
 
 import json
+import math
 
 import mlflow
 import optuna
@@ -139,6 +140,37 @@ def test_a_crashing_trial_is_failed_and_the_search_goes_on(compose):
     again = run_search(compose(*over, "search.sensitivity=true", "search.study=with-sensitivity"), over)
     assert again["trial_states"] == {"COMPLETE": 8}
     assert again["search_space"] == 2
+
+
+def test_nan_recipes_are_failed_and_never_meet_the_budget(compose):
+    # Quantizing linear1 makes every output NaN. NaN compares False with any budget, but the trial must
+    # be FAIL (never a feasible, selectable "ok" run), in the study, its MLflow run and exhaustive alike.
+    over = ["model.builder._target_=fragile_models.fragile_toy", "+model.builder.how=nan_outputs",
+            "search.candidates=[none,int8wo]", "search.drift_metric=drift_max_abs", "search.max_drift=1e9",
+            "search.sensitivity=false", "search.confirm_top_k=0", "search.n_trials=6", "search.exhaustive=true"]
+    root = compose(*over)
+    result = run_search(root, over)
+    assert result["trial_states"].get("FAIL", 0) >= 1  # uniform int8wo is seeded
+    assert result["best"]["recipe"]["inner.linear1"] == "none" and math.isfinite(result["best"]["drift"])
+    runs = nested_runs(root, default_study_name(root))
+    failed = [r for r in runs if r.data.tags["status"] == "failed"]
+    assert failed and all(r.data.tags["reason"] == "non-finite outputs: 100% NaN" for r in failed)
+    for run in runs:
+        if run.data.tags["qsweep.role"] == "search-trial" and run.data.tags["status"] == "ok":
+            assert math.isfinite(run.data.metrics["drift_max_abs"])
+    assert result["exhaustive"]["recipes"] == 4
+    assert json.loads(result["exhaustive"]["optimum_counts"])["none"] >= 1
+
+    # The sensitivity pass finds the NaN (layer, scheme) first and leaves it out of the space.
+    again = run_search(compose(*over, "search.sensitivity=true", "search.study=with-sensitivity"), over)
+    assert again["trial_states"] == {"COMPLETE": 6} and again["search_space"] == 2
+
+
+def test_a_baseline_with_nan_outputs_stops_the_search_in_one_line(compose):
+    over = ["model.builder._target_=fragile_models.fragile_toy", "+model.builder.how=nan_baseline",
+            "search.candidates=[none,int8wo]", "search.drift_metric=drift_max_abs"]
+    with pytest.raises(ConfigError, match=r"^baseline failed: non-finite outputs: 100% NaN"):
+        run_search(compose(*over), over)
 
 
 def test_measured_verdict_overrides_the_prediction():

@@ -14,8 +14,9 @@ from qsweep.sweep import run_point
 TESTS = Path(__file__).parent
 
 
-def qsweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def qsweep(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    paths = [(env or {}).get("PYTHONPATH"), str(TESTS), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "qsweep", "run", f"output_dir={tmp_path}", "device=cpu",
                            "bench=fast", "eval.n_samples=32", *args], capture_output=True, text=True, env=env,
@@ -38,15 +39,27 @@ def test_grid_records_every_status_and_a_crash_does_not_stop_it(tmp_path):
     assert done.returncode == 1, done.stderr[-2000:]  # a failed point makes the sweep exit non-zero
     assert "8 points: 1 ok, 3 failed, 2 skipped, 1 unsupported, 1 reused" in done.stdout, done.stdout[-3000:]
     table = runs(tmp_path, "crashy").set_index("name")
-    assert table.loc["int8wo-per_row-none", "status"] == "failed"
-    assert "kernel exploded on purpose" in table.loc["int8wo-per_row-none", "reason"]
-    assert table.loc["intxwo_4-per_row-none", "status"] == "skipped"
-    assert table.loc["int4wo-g32-none", "status"] == "unsupported"
+    assert table.loc["toy/int8wo-per_row-none", "status"] == "failed"
+    assert "kernel exploded on purpose" in table.loc["toy/int8wo-per_row-none", "reason"]
+    assert table.loc["toy/intxwo_4-per_row-none", "status"] == "skipped"
+    assert table.loc["toy/int4wo-g32-none", "status"] == "unsupported"
     csv = next(tmp_path.glob("runs/*/results.csv"))
     assert len(pd.read_csv(csv)) == 8
 
     again = qsweep(tmp_path, *grid)  # resume: only the failed points are tried again
     assert "8 points: 0 ok, 3 failed, 0 skipped, 0 unsupported, 5 reused" in again.stdout, again.stdout[-3000:]
+
+
+def test_run_names_and_the_results_table_say_which_model(tmp_path):
+    grid = ["-m", "model=mlp_block", "model.builder.dim=64", "scheme=none,int8wo", "tracking.experiment=names"]
+    done = qsweep(tmp_path, *grid)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[2/2] mlp_block/int8wo-per_row-none: ok" in done.stdout, done.stdout[-3000:]
+    assert set(runs(tmp_path, "names")["name"]) == {"mlp_block/none-none", "mlp_block/int8wo-per_row-none"}
+    table = pd.read_csv(next(tmp_path.glob("runs/*/results.csv")))
+    assert list(table.columns[:2]) == ["model", "run"] and set(table["model"]) == {"mlp_block"}
+    assert "mlp_block/int8wo-per_row-none" in set(table["run"])
+    assert any(line.split()[:2] == ["model", "run"] for line in done.stdout.splitlines())  # the printed table
 
 
 def test_resume_runs_zero_new_trials_and_force_reruns(tmp_path):
@@ -98,3 +111,95 @@ def test_independent_measurements_report_their_median_and_spread(compose):
     spread = (max(latencies) - min(latencies)) / sorted(latencies)[1]
     assert record.metrics["latency_spread"] == spread
     assert "latency_spread" not in run_point(compose("scheme=int8wo", "isolate=false")).metrics
+
+
+NET = '''
+import torch
+from torch import nn
+
+from qsweep.models import ModelBundle
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 64, bias=False)
+        self.fc2 = nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def net() -> ModelBundle:
+    return ModelBundle(Net(), lambda batch, seed: (torch.randn(batch, 64, generator=torch.Generator().manual_seed(seed)),))
+'''
+
+
+def test_changed_model_code_means_a_new_baseline(tmp_path):
+    """Same config, edited model code (the class's forward, not the builder function itself): the old
+    baseline and points must not be reused."""
+    models = tmp_path / "mods"
+    models.mkdir()
+    (models / "my_models.py").write_text(NET)
+    grid = ["-m", "model.builder._target_=my_models.net", "~model.builder.in_features", "~model.builder.hidden",
+            "~model.builder.out_features", "scheme=none,int8wo", "tracking.experiment=edited"]
+    env = {"PYTHONPATH": str(models)}
+    first = qsweep(tmp_path, *grid, env=env)
+    assert "2 points: 2 ok, 0 failed, 0 skipped, 0 unsupported, 0 reused" in first.stdout, first.stdout[-3000:]
+    assert "2 points: 0 ok, 0 failed, 0 skipped, 0 unsupported, 2 reused" in qsweep(tmp_path, *grid, env=env).stdout
+    (models / "my_models.py").write_text(NET.replace("self.fc2(self.fc1(x))", "self.fc2(torch.relu(self.fc1(x)))"))
+    edited = qsweep(tmp_path, *grid, env=env)
+    assert "2 points: 2 ok, 0 failed, 0 skipped, 0 unsupported, 0 reused" in edited.stdout, edited.stdout[-3000:]
+    assert (runs(tmp_path, "edited")["name"] == "toy/none-none").sum() == 2  # a second baseline
+
+
+def test_model_identity_covers_code_and_weight_files(tmp_path):
+    from qsweep.sweep import model_identity
+
+    weights = tmp_path / "model"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"x" * 10)
+    hf = {"_target_": "qsweep.models.hf_causal_lm", "name_or_path": str(weights)}
+    before = model_identity(hf)
+    assert model_identity(hf) == before and model_identity({**hf, "random_init": True}) != before
+    (weights / "model.safetensors").write_bytes(b"y" * 11)  # new weights, same config
+    assert model_identity(hf) != before
+    toy = model_identity({"_target_": "qsweep.models.toy_linear"})
+    assert toy != model_identity({"_target_": "qsweep.models.transformer_block"})
+    assert toy != model_identity({"_target_": "fragile_models.fragile_toy"})  # fragile_toy calls toy_linear
+
+
+def test_a_noisy_baseline_makes_its_speedups_noisy(compose):
+    from qsweep import sweep
+
+    # A trial's own CV cannot reach 3 with 5 repeats (at most sqrt(5)), so only the baseline can be noisy.
+    over = ("isolate=false", "bench.max_cv=3")
+    base = run_point(compose("scheme=none", *over))
+    client = mlflow.MlflowClient(f"sqlite:///{Path(compose().output_dir) / 'mlflow.db'}")
+    assert "noisy" not in client.get_run(base.run_id).data.tags
+    client.log_metric(base.run_id, "latency_cv", 10.0)  # as if the baseline had been measured on a busy host
+    sweep._SWEEP_BASELINES.clear()
+    trial = run_point(compose("scheme=int8wo", *over))
+    assert trial.status == "ok" and trial.metrics["latency_cv"] < 3
+    assert client.get_run(trial.run_id).data.tags["noisy"] == "baseline latency_cv 10.000 > bench.max_cv 3.0"
+
+
+SWEEP_DIRS = """
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import qsweep.sweep  # noqa: F401  (registers qsweep's resolvers, as `qsweep run` does)
+from qsweep.config import CONF_DIR
+
+with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    cfg = compose("config", return_hydra_config=True)
+OmegaConf.register_new_resolver("now", lambda pattern: "2026-01-01_00-00-00", replace=True)  # the same second
+print(cfg.hydra.sweep.dir, cfg.hydra.run.dir)
+"""
+
+
+def test_sweeps_started_in_the_same_second_get_their_own_folders():
+    first, second = (subprocess.run([sys.executable, "-c", SWEEP_DIRS], capture_output=True, text=True,
+                                    check=True).stdout.split() for _ in range(2))
+    assert all("2026-01-01_00-00-00" in d for d in first + second)
+    assert first[0] != second[0] and first[1] != second[1]

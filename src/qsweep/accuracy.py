@@ -6,6 +6,39 @@ import math
 
 import torch
 
+from qsweep.metrics import describe_non_finite, non_finite
+
+
+class NonFiniteError(ValueError):
+    """NaN/Inf outputs or metrics: the measurement means nothing, so the point is failed, never ranked.
+    The message is the whole reason, e.g. `non-finite outputs: 100% NaN`."""
+
+
+def non_finite_outputs(outputs: torch.Tensor) -> str | None:
+    """How much of `outputs` is NaN or Inf (`100% NaN`, `0.2% NaN, 1.5% Inf`), or None if all finite."""
+    if not outputs.is_floating_point() or outputs.numel() == 0:
+        return None
+    t = outputs.detach()
+    parts = []
+    for label, count in (("NaN", torch.isnan(t).sum().item()), ("Inf", torch.isinf(t).sum().item())):
+        if count:
+            parts.append(f"{100 * count / t.numel():.3g}% {label}")
+    return ", ".join(parts) or None
+
+
+def check_outputs(outputs: torch.Tensor) -> None:
+    """Raise NonFiniteError if any output is NaN or Inf."""
+    bad = non_finite_outputs(outputs)
+    if bad:
+        raise NonFiniteError(f"non-finite outputs: {bad}")
+
+
+def check_metrics(metrics: dict[str, float]) -> None:
+    """Raise NonFiniteError if a metric is NaN, or infinite where the schema gives that no meaning."""
+    bad = non_finite(metrics)
+    if bad:
+        raise NonFiniteError(f"non-finite metric: {describe_non_finite(bad)}")
+
 
 def output_drift(reference: torch.Tensor, output: torch.Tensor) -> dict[str, float]:
     """SQNR (dB, higher is better), max abs error, and mean per-sample cosine similarity.

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from qsweep.accuracy import NonFiniteError
 from qsweep.config import ConfigError, SelectConf, load_config, mlflow_uri
 from qsweep.measure import model_size_bytes
 from qsweep.metrics import METRICS
@@ -62,7 +63,10 @@ def apply_recipe(recipe: Recipe, device: str, directory: Path, sel: SelectConf |
     fresh = build_model(recipe.model["builder"], recipe.eval["seed"])
     fresh.model = fresh.model.to(dtype).to(device)
     fresh.model.load_state_dict(load_checkpoint(checkpoint, device), assign=True)
-    metrics = remeasure(recipe, fresh, device)
+    try:
+        metrics = remeasure(recipe, fresh, device)
+    except NonFiniteError as err:  # NaN/Inf outputs: nothing to compare, the checkpoint is not usable
+        return Applied(checkpoint, fmt, {}, {"ok": False, "finite": {"ok": False, "reason": str(err)}})
     metrics["size_bytes"] = float(model_size_bytes(fresh.model))
     inputs = fresh.make_inputs(recipe.eval["batch_size"], recipe.eval["seed"] + 1)
     reload_diff = _max_diff(model, fresh.model, inputs, device, dtype)
@@ -231,8 +235,8 @@ def apply_command(args: list[str]) -> int:
 
 
 def _failed_checks(verification: dict) -> str:
-    return ", ".join(name for name, check in verification.items() if isinstance(check, dict)
-                     and check.get("ok") is False)
+    return ", ".join(name + (f" ({check['reason']})" if "reason" in check else "")
+                     for name, check in verification.items() if isinstance(check, dict) and check.get("ok") is False)
 
 
 def _apply_params(recipe: Recipe, applied: Applied, device: str) -> dict[str, Any]:
@@ -243,6 +247,8 @@ def _apply_params(recipe: Recipe, applied: Applied, device: str) -> dict[str, An
 
 def describe_verification(applied: Applied) -> str:
     v = applied.verification
+    if "finite" in v:
+        return f"checkpoint: {applied.checkpoint}\n{v['finite']['reason']}\nVERIFICATION FAILED"
     drift, size = v["drift"], v["size_bytes"]
     return "\n".join([
         f"checkpoint: {applied.checkpoint} ({applied.fmt}, {applied.checkpoint.stat().st_size} bytes)",

@@ -6,14 +6,18 @@ without a traceback.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
@@ -21,8 +25,10 @@ class ConfigError(ValueError):
     """A user mistake in the config or on the command line."""
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = Path(os.environ.get("QSWEEP_CONF_DIR", PROJECT_ROOT / "conf"))
+# The configs ship inside the package (a pip-installed qsweep runs from any directory). In a checkout,
+# src/qsweep/conf is a symlink to the top-level conf/, resolved here so paths and messages name conf/.
+CONF_DIR = Path(os.environ.get("QSWEEP_CONF_DIR") or Path(__file__).parent / "conf").resolve()
+SEARCHPATH = "hydra.searchpath"  # the Hydra key users add their own config folders with
 GROUPS = ("model", "scheme", "granularity", "compile", "bench", "eval", "tracking", "search", "select", "sweep")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -185,9 +191,57 @@ def register_schema() -> None:
 register_schema()
 
 
-def choices(group: str) -> list[str]:
-    """The config names available in one group (conf/<group>/*.yaml)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def choices(group: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The config names available in one group: <dir>/<group>/*.yaml over qsweep's conf/ and every folder
+    that a `hydra.searchpath=[...]` override in `overrides` adds."""
+    return sorted({p.stem for d in (CONF_DIR, *user_config_dirs(overrides)) for p in (d / group).glob("*.yaml")})
+
+
+def user_config_dirs(overrides: Sequence[str]) -> list[Path]:
+    """The folders that a `hydra.searchpath=[file:///a,pkg://b.c,...]` override adds, as paths.
+
+    Raises ConfigError when one of them is not a directory: Hydra itself would only warn and then report
+    the user's config as unknown.
+    """
+    found = [o for o in overrides if o.partition("=")[0].lstrip("+") == SEARCHPATH]
+    if not found:
+        return []
+    try:
+        entries = OverridesParser.create().parse_overrides(found[-1:])[0].value()
+    except Exception as err:
+        raise ConfigError(f"cannot parse {found[-1]!r}: {first_line(err)}") from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"{SEARCHPATH} must be a list, e.g. {SEARCHPATH}=[file:///my/confs]; got {found[-1]!r}")
+    dirs = []
+    for entry in map(str, entries):
+        scheme, sep, rest = entry.partition("://")
+        if not sep:
+            scheme, rest = "file", entry
+        if scheme == "file":
+            path = Path(rest)
+        elif scheme == "pkg":
+            try:
+                path = Path(str(importlib.resources.files(rest.replace("/", "."))))
+            except (ImportError, TypeError):
+                raise ConfigError(f"{SEARCHPATH}: no package {rest!r} (from {entry!r})") from None
+        else:
+            continue  # structured:// and plugin schemes list no files here
+        if not path.is_dir():
+            raise ConfigError(f"{SEARCHPATH}: {entry!r} is not a directory")
+        dirs.append(path)
+    return dirs
+
+
+def with_config_dirs(overrides: Sequence[str], dirs: Sequence[str]) -> list[str]:
+    """`overrides` with `dirs` (Hydra's --config-dir values) added to its `hydra.searchpath` override."""
+    if not dirs:
+        return list(overrides)
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise ConfigError(f"--config-dir {d!r} is not a directory")
+    rest = [o for o in overrides if o.partition("=")[0].lstrip("+") != SEARCHPATH]
+    paths = [*map(Path, dirs), *(user_config_dirs(overrides) if len(rest) < len(overrides) else [])]
+    return [*rest, f"{SEARCHPATH}=[{','.join(f'file://{p.resolve()}' for p in paths)}]"]
 
 
 def to_root(cfg: DictConfig) -> RootConf:
@@ -261,6 +315,52 @@ def mlflow_uri(root: RootConf) -> str:
     return f"sqlite:///{Path(root.output_dir).resolve() / 'mlflow.db'}"
 
 
+def check_outputs(root: RootConf) -> None:
+    """Check, before any trial, that qsweep can write output_dir and open the tracking store.
+
+    Raises ConfigError (one line): otherwise each trial would fail only after its measurement, with
+    nothing recorded.
+    """
+    check_writable(Path(root.output_dir), "output_dir")
+    check_tracking_uri(mlflow_uri(root))
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Create `directory` if needed and write a temporary file in it; ConfigError naming `what` if not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{what} {str(directory)!r} is not writable: {err.strerror or err}") from None
+
+
+def check_tracking_uri(uri: str, write: bool = True) -> None:
+    """Check that MLflow has a store for the URI's scheme and, for a local store (sqlite, file), that its
+    folder is writable. Does not create the store: that happens once, in qsweep.tracking."""
+    from urllib.parse import urlparse
+
+    # MLflow has no public "is this URI valid" call; MlflowClient(uri) would create and migrate a SQLite
+    # store as a side effect. The registry resolves the scheme only.
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+
+    try:
+        registry.get_store_builder(uri)
+    except Exception:
+        valid = sorted(f"{s}://" for s in getattr(registry, "_registry", {}) if s)
+        raise ConfigError(f"tracking URI {uri!r} (tracking.uri or $MLFLOW_TRACKING_URI) names no MLflow store; "
+                          f"valid schemes: {', '.join(valid)} or a local path") from None
+    if not write:
+        return
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            check_writable(Path(path).parent, "the folder of tracking URI")
+    elif scheme in ("", "file"):
+        check_writable(Path(urlparse(uri).path if scheme else uri), "tracking URI")
+
+
 def load_config(overrides: list[str]) -> tuple[RootConf, DictConfig]:
     """Compose conf/config.yaml with overrides (outside a Hydra run) and validate it."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -281,7 +381,8 @@ def _explain(err: Exception, overrides: list[str]) -> str:
     if key and ("not in struct" in text or "Could not override" in text):
         name = key.group(1)
         parent = name.rpartition(".")[0]
-        base = compose("config", overrides=[o for o in overrides if o.split("=")[0].lstrip("+~") in GROUPS])
+        base = compose("config", overrides=[o for o in overrides
+                                            if o.split("=")[0].lstrip("+~") in (*GROUPS, SEARCHPATH)])
         node = OmegaConf.select(base, parent) if parent else base
         valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
         return f"unknown key {name!r}; valid keys{' under ' + parent if parent else ''}: {valid}"

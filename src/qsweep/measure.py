@@ -119,17 +119,20 @@ def _l2_flusher() -> Callable[[], None]:
 
 
 class PeakMemory:
-    """Peak memory growth inside a `with` block, in bytes.
+    """Peak memory during a `with` block (one inference), in bytes.
 
-    CUDA: `max_memory_allocated` / `max_memory_reserved` after a reset, minus what was allocated
-    before (so the model's own weights are not counted twice). CPU: the process RSS, sampled every
-    millisecond, minus the RSS at entry; `kind` says which one was measured.
+    `peak_bytes` is the whole peak, what a user sizes a machine by: CUDA `max_memory_allocated` after
+    `reset_peak_memory_stats` (weights + KV cache + activations, nothing subtracted); CPU the peak RSS
+    of this process, sampled every millisecond. `activation_bytes` is the growth over what was held at
+    entry (activations, KV cache, workspaces). `peak_reserved_bytes`: CUDA `max_memory_reserved`
+    (whole; None on CPU). `kind` says which was measured.
     """
 
     def __init__(self, device: str):
         self.device = device
-        self.kind = "cuda_max_allocated" if device == "cuda" else "cpu_rss_growth"
+        self.kind = "cuda_max_allocated" if device == "cuda" else "cpu_peak_rss"
         self.peak_bytes = 0
+        self.activation_bytes = 0
         self.peak_reserved_bytes: int | None = None
 
     def __enter__(self) -> PeakMemory:
@@ -137,7 +140,6 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
-            self._base_reserved = torch.cuda.memory_reserved()
         else:
             self._proc = psutil.Process(os.getpid())
             self._base = self._proc.memory_info().rss
@@ -154,13 +156,14 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+            self.peak_bytes = torch.cuda.max_memory_allocated()
             self.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         else:
             self._stop.set()
             self._thread.join()
             self._max_rss = max(self._max_rss, self._proc.memory_info().rss)
-            self.peak_bytes = self._max_rss - self._base
+            self.peak_bytes = self._max_rss
+        self.activation_bytes = max(self.peak_bytes - self._base, 0)
 
 
 def tensor_bytes(tensors: Any) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -11,6 +13,8 @@ class Metric:
     unit: str
     higher_is_better: bool | None  # None: informational, no better direction
     doc: str
+    # NaN is never a valid value; +inf is only where it has a meaning (SQNR of identical outputs).
+    allows_inf: bool = False
 
 
 METRICS: tuple[Metric, ...] = (
@@ -20,8 +24,13 @@ METRICS: tuple[Metric, ...] = (
     # memory
     Metric("weights_mem_bytes", "bytes", False, "device memory held by the model's parameters and buffers"),
     Metric("peak_mem_bytes", "bytes", False,
-           "CUDA: max_memory_allocated during inference after a reset; CPU: peak RSS growth during inference"),
-    Metric("peak_mem_reserved_bytes", "bytes", False, "CUDA: max_memory_reserved during inference (absent on CPU)"),
+           "whole peak during one inference (weights + KV cache + activations): CUDA max_memory_allocated "
+           "after a reset, nothing subtracted; CPU: peak RSS of the trial process (sampled every ms)"),
+    Metric("activation_peak_bytes", "bytes", False,
+           "growth during one inference over what was held before it (activations, KV cache, workspaces): "
+           "CUDA max_memory_allocated minus memory_allocated at the start; CPU: peak RSS minus RSS at the start"),
+    Metric("peak_mem_reserved_bytes", "bytes", False,
+           "CUDA: max_memory_reserved during one inference, whole (absent on CPU)"),
     # speed
     Metric("latency_ms", "ms", False, "median latency of one forward pass over the repeats, after warm-up"),
     Metric("latency_ms_p10", "ms", False, "10th percentile latency"),
@@ -46,7 +55,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("decode_tok_s", "tokens/s", True,
            "LM: bench.batch_size x bench.decode_tokens / median time of the greedy decode loop (StaticCache)"),
     # output drift against the baseline on the same inputs
-    Metric("drift_sqnr_db", "dB", True, "signal-to-quantization-noise ratio of the outputs vs baseline"),
+    Metric("drift_sqnr_db", "dB", True,
+           "signal-to-quantization-noise ratio of the outputs vs baseline (+inf: identical outputs)", allows_inf=True),
     Metric("drift_max_abs", "abs", False, "max absolute output difference vs baseline"),
     Metric("drift_cosine", "ratio", True, "mean cosine similarity of outputs vs baseline (1 = identical)"),
     Metric("drift_kl", "nats", False,
@@ -65,6 +75,25 @@ METRICS: tuple[Metric, ...] = (
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 STATUSES = ("ok", "failed", "skipped", "unsupported")
+
+
+def non_finite(values: dict) -> dict[str, float]:
+    """The metrics whose value is NaN, or infinite where the schema gives infinity no meaning (a
+    measurement that cannot be trusted: the point is failed, never ranked). Names outside the
+    schema are checked too."""
+    bad = {}
+    for name, value in values.items():
+        if not isinstance(value, numbers.Real) or math.isfinite(value):
+            continue
+        metric = BY_NAME.get(name)
+        if math.isnan(value) or not (metric and metric.allows_inf and value > 0):
+            bad[name] = float(value)
+    return bad
+
+
+def describe_non_finite(bad: dict[str, float]) -> str:
+    """`drift_kl=nan, latency_ms=inf`: the offending metrics as a reason."""
+    return ", ".join(f"{name}={value}" for name, value in bad.items())
 
 
 def only_metrics(values: dict) -> dict[str, float]:

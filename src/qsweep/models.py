@@ -6,6 +6,8 @@ make its inputs. Task metrics (accuracy, perplexity) plug in through `evaluate`.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -164,7 +166,9 @@ def digits_mlp(hidden: int = 512, depth: int = 3, epochs: int = 40, cache_dir: s
 
     x_train, y_train, x_test, y_test = _digits_split(seed)
     model = _mlp([64] + [hidden] * (depth - 1) + [10])
-    checkpoint = Path(cache_dir) / f"digits_mlp-h{hidden}-d{depth}-e{epochs}-s{seed}.pt"
+    # The training code is part of the name: weights cached by an older _train are not reused.
+    code = hashlib.sha1((inspect.getsource(_train) + inspect.getsource(_mlp)).encode()).hexdigest()[:8]
+    checkpoint = Path(cache_dir) / f"digits_mlp-h{hidden}-d{depth}-e{epochs}-s{seed}-{code}.pt"
     if checkpoint.exists():
         model.load_state_dict(load_weights(checkpoint))
     else:

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from qsweep.config import ConfigError, SelectConf, load_config, mlflow_uri  # noqa: E402
+from qsweep.recipe import safe_name  # noqa: E402
 from qsweep.select import (  # noqa: E402
     ROLE_TAG,
     Selection,
@@ -33,12 +34,11 @@ from qsweep.select import (  # noqa: E402
     experiment_name,
     load_runs,
     pareto_front,
-    recipe_name,
     select,
     select_overrides,
 )
 
-COLUMNS = ["run", "kind", "status", "scheme", "granularity", "group_size", "compile", "speedup", "size_ratio",
+COLUMNS = ["model", "run", "kind", "status", "scheme", "granularity", "group_size", "compile", "speedup", "size_ratio",
            "size_bytes", "peak_mem_bytes", "latency_ms", "accuracy_drop", "drift_sqnr_db", "drift_cosine",
            "drift_kl", "cost", "feasible", "pareto", "selected", "reason", "run_id"]
 SENSITIVITY_FILE = "sensitivity.csv"  # search parent artifact: rows = layer FQN, columns = scheme, values = drift
@@ -232,7 +232,7 @@ def report_command(args: list[str]) -> int:
     """`qsweep report experiment=<name>`: table + plots under <output_dir>/reports/<name>/, and in MLflow."""
     root, _ = load_config(select_overrides(args))
     experiment, uri = experiment_name(root), mlflow_uri(root)
-    directory = Path(root.output_dir) / "reports" / recipe_name(experiment)
+    directory = Path(root.output_dir) / "reports" / safe_name(experiment)
     files, table = build_report(uri, experiment, root.select, directory)
     run_id = log_report(uri, experiment, files, root.select, len(table))
     print(f"{len(table)} points ({int(table['status'].eq('ok').sum())} ok) -> {directory}")

@@ -3,16 +3,23 @@
 `run_isolated` runs a trial in its own child process with a timeout: torchao and inductor change
 process-global state (inductor flags, matmul precision, compiled caches), so one trial must not
 shape another's numbers, and a crash or OOM must not take the sweep down. Children fork from a
-server that has already imported torch, so each trial starts in about a second.
+server that has already imported torch, so each trial starts in about a second. A child that dies
+without a word (abort, segfault, OOM kill, timeout) still leaves its last stderr lines, which become
+the result's traceback.
 """
 
 from __future__ import annotations
 
+import codecs
+import faulthandler
 import gc
-import math
 import multiprocessing as mp
 import os
 import re
+import signal
+import sys
+import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -24,7 +31,14 @@ import torch
 from torch import nn
 
 from qsweep import measure
-from qsweep.accuracy import accuracy_drop, logits_drift, output_drift
+from qsweep.accuracy import (
+    NonFiniteError,
+    accuracy_drop,
+    check_metrics,
+    check_outputs,
+    logits_drift,
+    output_drift,
+)
 from qsweep.config import first_line
 from qsweep.models import ModelBundle, build_model
 from qsweep.schemes import build
@@ -56,40 +70,65 @@ class TrialSpec:
 @dataclass
 class TrialResult:
     status: str  # ok | failed | unsupported
-    reason: str = ""
+    reason: str = ""  # why it is not ok; on an ok result, what it did not do (layers left unquantized)
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # non-numeric facts: timing mode, memory kind
     traceback: str | None = None
 
 
+class BuilderError(RuntimeError):
+    """The model builder cannot be imported or built: a user or environment problem, so `failed` (retried
+    on the next run), never `unsupported` (which is cached as a fact about the hardware)."""
+
+
 def run_trial(spec: TrialSpec) -> TrialResult:
-    """Run one trial in this process. Exceptions become a failed/unsupported result."""
+    """Run one trial in this process. Exceptions become a failed/unsupported result; NaN/Inf outputs
+    or metrics are failed (`non-finite outputs: 100% NaN`)."""
     try:
         return _measure(spec)
+    except NonFiniteError as err:
+        return TrialResult("failed", str(err))
+    except BuilderError as err:
+        return TrialResult("failed", str(err)[:500], traceback=traceback.format_exc())
     except torch.cuda.OutOfMemoryError as err:
         return TrialResult("failed", f"CUDA out of memory: {first_line(err)[:500]}", traceback=traceback.format_exc())
-    except (ImportError, NotImplementedError) as err:  # e.g. a kernel package missing on this host
+    except (ImportError, NotImplementedError) as err:  # a kernel package missing on this host, at quantize/run
         return TrialResult("unsupported", f"{type(err).__name__}: {first_line(err)[:500]}",
                            traceback=traceback.format_exc())
     except Exception as err:
         return TrialResult("failed", f"{type(err).__name__}: {first_line(err)[:500]}", traceback=traceback.format_exc())
 
 
+def _build(spec: TrialSpec) -> ModelBundle:
+    try:
+        with torch.device(spec.device):  # initialise on the device: an 8B model takes minutes on a CPU
+            return build_model(spec.model_builder, spec.seed)
+    except ImportError as err:
+        raise BuilderError(f"cannot build model {spec.model_builder.get('_target_')!r}: "
+                           f"{type(err).__name__}: {first_line(err)}") from err
+
+
 def _measure(spec: TrialSpec) -> TrialResult:
     dtype = getattr(torch, spec.dtype)
-    with torch.device(spec.device):  # initialise on the device: an 8B model takes minutes on a CPU
-        bundle = build_model(spec.model_builder, spec.seed)
+    bundle = _build(spec)
     model = bundle.model.to(dtype)
     candidates = quantizable_layers(model, spec.quantize_filter)
     metrics: dict[str, float] = {"layers_total": len(candidates)}
     info: dict[str, Any] = {}
+    reason = ""
 
     model = model.to(spec.device)
     if spec.quant is not None:
         start = time.perf_counter()
-        quantize(model, spec.quant, candidates)
+        skipped = quantize(model, spec.quant, candidates)
         _sync(spec.device)
         metrics["quantize_s"] = time.perf_counter() - start
+        if not is_per_layer(spec.quant):  # a per-layer recipe leaves layers alone on purpose
+            left = {name: skipped.get(name, "not replaced by torchao")
+                    for name, m in candidates.items() if not _is_quantized(m)}
+            if left:
+                info["unquantized_layers"] = left
+                reason = unquantized_reason(left, len(candidates))
     metrics["layers_quantized"] = sum(_is_quantized(m) for m in candidates.values())
     info["quantized_layers"] = [name for name, m in candidates.items() if _is_quantized(m)]
     # Drop quantization temporaries so they do not count towards the trial's memory.
@@ -103,8 +142,10 @@ def _measure(spec: TrialSpec) -> TrialResult:
     metrics["size_bytes"] = measure.model_size_bytes(model)
 
     metrics.update(_accuracy(spec, bundle, model, dtype))
+    check_metrics(metrics)  # before minutes of compile and timing
     metrics.update(_speed(spec, bundle, model, dtype, info))
-    return TrialResult("ok", metrics=metrics, info=info)
+    check_metrics(metrics)
+    return TrialResult("ok", reason, metrics, info)
 
 
 def quantizable_layers(model: nn.Module, pattern: str | None) -> dict[str, nn.Linear]:
@@ -114,19 +155,38 @@ def quantizable_layers(model: nn.Module, pattern: str | None) -> dict[str, nn.Li
             if isinstance(m, nn.Linear) and (regex is None or regex.search(name))}
 
 
-def quantize(model: nn.Module, quant: dict, candidates: dict[str, nn.Linear]) -> None:
+def quantize(model: nn.Module, quant: dict, candidates: dict[str, nn.Linear]) -> dict[str, str]:
     """Apply a torchao config spec in place. Per-layer recipes (FqnToConfig) name their own layers;
     a uniform scheme goes to every candidate whose in_features the group size divides (torchao
-    rejects the others; skipping them matches what users expect and is counted)."""
+    rejects the others; skipping them matches what users expect and is counted).
+
+    Returns:
+        The candidates skipped on purpose, name -> why (empty for a per-layer recipe).
+    """
     from torchao.quantization import quantize_
 
     config = build(quant)
-    if quant["_target_"].endswith("FqnToConfig"):
+    if is_per_layer(quant):
         quantize_(model, config, filter_fn=None)
-        return
+        return {}
     group = group_size_of(quant)
-    chosen = {id(m) for m in candidates.values() if not group or m.in_features % group == 0}
+    skipped = {name: f"in_features {m.in_features} not divisible by group_size {group}"
+               for name, m in candidates.items() if group and m.in_features % group}
+    chosen = {id(m) for name, m in candidates.items() if name not in skipped}
     quantize_(model, config, filter_fn=lambda module, fqn: id(module) in chosen)
+    return skipped
+
+
+def is_per_layer(quant: dict) -> bool:
+    """A per-layer recipe (FqnToConfig) rather than one scheme for every candidate."""
+    return quant["_target_"].endswith("FqnToConfig")
+
+
+def unquantized_reason(left: dict[str, str], total: int, shown: int = 4) -> str:
+    """`2 of 3 layers left unquantized: 'fc2' (in_features 100 not divisible by group_size 64), ...`"""
+    names = [f"{name!r} ({why})" for name, why in list(left.items())[:shown]]
+    more = f" and {len(left) - shown} more (trial_info.json: unquantized_layers)" if len(left) > shown else ""
+    return f"{len(left)} of {total} layers left unquantized: {', '.join(names)}{more}"
 
 
 def group_size_of(spec: Any) -> int | None:
@@ -166,26 +226,38 @@ def drift_metrics(reference: dict, outputs: torch.Tensor, task: dict[str, float]
     if "task_metric" in task and "task_metric" in reference["task"]:
         base, value = reference["task"]["task_metric"], task["task_metric"]
         metrics.update(task, task_metric_delta=value - base,
-                       task_metric_delta_rel=(value - base) / base if base else math.nan,
                        accuracy_drop=accuracy_drop(base, value, bundle.task_higher_is_better))
+        if base:  # no relative change from zero; a NaN here would fail the point for nothing
+            metrics["task_metric_delta_rel"] = (value - base) / base
     return metrics
 
 
 def _accuracy(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype) -> dict[str, float]:
-    """Drift on the eval inputs (eager model: drift belongs to the quantization, not to compile)."""
+    """Drift on the eval inputs (eager model: drift belongs to the quantization, not to compile).
+    NaN/Inf outputs or task metric raise NonFiniteError, before a baseline writes them as a reference."""
     inputs = bundle.make_inputs(spec.eval_samples, spec.seed + 1)
     outputs = eval_outputs(model, bundle, inputs, spec.device, dtype, spec.eval_batch_size)
+    check_outputs(outputs)
     task = bundle.evaluate(model, spec.device, dtype) if bundle.evaluate else {}
+    check_metrics(task)
     if spec.is_baseline:
-        torch.save({"outputs": outputs, "task": task}, spec.reference_path)
+        # Atomic: a concurrent sweep (force=true) may read the reference while this one rewrites it.
+        partial = Path(f"{spec.reference_path}.{os.getpid()}.tmp")
+        torch.save({"outputs": outputs, "task": task}, partial)
+        os.replace(partial, spec.reference_path)
         return dict(task)
-    return drift_metrics(torch.load(spec.reference_path, weights_only=True), outputs, task, bundle)
+    reference = torch.load(spec.reference_path, weights_only=True)
+    try:  # a reference written before NaN baselines were failed: blame the baseline, not this trial
+        check_outputs(reference["outputs"])
+    except NonFiniteError as err:
+        raise NonFiniteError(f"baseline reference {spec.reference_path}: {err}") from None
+    return drift_metrics(reference, outputs, task, bundle)
 
 
 def accuracy_metrics(spec: TrialSpec, bundle: ModelBundle, model: nn.Module) -> dict[str, float]:
     """Drift and task metrics of `model` against the baseline outputs at `spec.reference_path`, exactly
     as a trial records them (a baseline spec writes the reference instead). Used to re-measure a
-    reloaded checkpoint."""
+    reloaded checkpoint. Raises NonFiniteError on NaN/Inf outputs or task metric."""
     return _accuracy(spec, bundle, model, getattr(torch, spec.dtype))
 
 
@@ -236,6 +308,7 @@ def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: 
         "latency_ms": stats.median_ms, "latency_ms_p10": stats.p10_ms, "latency_ms_p90": stats.p90_ms,
         "latency_cv": stats.cv, "throughput": spec.batch_size / (stats.median_ms / 1e3),
         "latency_e2e_ms": e2e_ms, "compile_s": compile_s, "peak_mem_bytes": peak.peak_bytes,
+        "activation_peak_bytes": peak.activation_bytes,
     }
     if peak.peak_reserved_bytes is not None:
         metrics["peak_mem_reserved_bytes"] = peak.peak_reserved_bytes
@@ -275,32 +348,106 @@ def _context() -> mp.context.BaseContext:
     return _CONTEXT
 
 
-def _child(spec: TrialSpec, conn) -> None:
-    conn.send(run_trial(spec))
+# The last stderr lines of a child that died: enough for a C++ abort message or faulthandler's stack.
+STDERR_TAIL_LINES = 100
+STDERR_TAIL_BYTES = 256 * 1024
+
+
+def _child(spec: TrialSpec, conn, stderr_path: str, timeout_s: float) -> None:
+    # Everything written to fd 2 (Python tracebacks, C++ abort messages, faulthandler) goes to a file
+    # the parent reads even when this process dies without a word; the parent relays it to its stderr.
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    os.close(fd)
+    faulthandler.enable(all_threads=True)  # SIGSEGV/SIGABRT/SIGBUS/SIGFPE/SIGILL: the Python stack
+    # Where it hung, written just before the parent's timeout kills it with SIGKILL (no handler runs).
+    faulthandler.dump_traceback_later(max(timeout_s - 2.0, 0.9 * timeout_s), exit=False)
+    result = run_trial(spec)
+    faulthandler.cancel_dump_traceback_later()
+    conn.send(result)
     conn.close()
 
 
+class _StderrRelay(threading.Thread):
+    """Follows the child's stderr file: copies new text to this process's stderr as it comes and keeps
+    the tail. A file, not a pipe: it needs no EOF, so compile workers that inherit it cannot hold it open."""
+
+    def __init__(self, path: str):
+        super().__init__(daemon=True)
+        self.path = path
+        self._done = threading.Event()
+        self._tail = bytearray()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def run(self) -> None:
+        with open(self.path, "rb") as f:
+            while not self._done.wait(0.1):
+                self._drain(f)
+            self._drain(f)
+
+    def _drain(self, f) -> None:
+        while chunk := f.read(65536):
+            self._tail += chunk
+            del self._tail[:-STDERR_TAIL_BYTES]
+            text = self._decoder.decode(chunk)
+            if text:
+                try:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+                except (OSError, ValueError):  # a closed stderr must not lose the tail
+                    pass
+
+    def finish(self) -> str:
+        """Stop after a last read; returns the last STDERR_TAIL_LINES lines."""
+        self._done.set()
+        self.join()
+        lines = self._tail.decode("utf-8", errors="replace").splitlines()
+        return "\n".join(lines[-STDERR_TAIL_LINES:])
+
+
+def death_reason(exitcode: int | None) -> str:
+    """Why a child ended without a result: the signal by name (SIGABRT, SIGSEGV, SIGKILL), else the exit code."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (likely out of memory: the kernel's OOM killer sends SIGKILL)" if -exitcode == signal.SIGKILL else ""
+        return f"trial process killed by {name}{hint}"
+    return f"trial process exited with exit code {exitcode} before sending a result"
+
+
 def run_isolated(spec: TrialSpec, timeout_s: float) -> TrialResult:
-    """Run a trial in a fresh child process; a timeout, crash or OOM kill becomes a failed result."""
+    """Run a trial in a fresh child process; a timeout, crash or OOM kill becomes a failed result whose
+    reason names the signal or exit code and whose traceback is the child's last stderr lines."""
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(spec, send), daemon=True)
-    start = time.perf_counter()
+    fd, stderr_path = tempfile.mkstemp(prefix="qsweep-trial-", suffix=".stderr")
+    os.close(fd)
+    relay = _StderrRelay(stderr_path)
+    proc = ctx.Process(target=_child, args=(spec, send, stderr_path, timeout_s), daemon=True)
+    result, timed_out = None, False
     proc.start()
     send.close()
+    relay.start()
     try:
         if receive.poll(timeout_s):
             result = receive.recv()
             proc.join(30)
-            return result
+        else:
+            timed_out = True
     except EOFError:
         pass  # the child died before sending a result
     finally:
         if proc.is_alive():
             proc.kill()
         proc.join()
-    if time.perf_counter() - start >= timeout_s:
-        return TrialResult("failed", f"timeout: trial ran longer than {timeout_s:g} s (bench.timeout_s)")
-    code = proc.exitcode
-    hint = " (killed: likely out of memory)" if code == -9 else ""
-    return TrialResult("failed", f"trial process died with exit code {code}{hint}")
+        tail = relay.finish()
+        os.unlink(stderr_path)
+    if result is not None:
+        return result
+    if timed_out:
+        return TrialResult("failed", f"timeout: trial ran longer than {timeout_s:g} s (bench.timeout_s)",
+                           traceback=tail or None)
+    return TrialResult("failed", death_reason(proc.exitcode), traceback=tail or None)

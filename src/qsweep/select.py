@@ -28,6 +28,7 @@ from qsweep.config import ConfigError, RootConf, SelectConf, load_config, mlflow
 from qsweep.metrics import BY_NAME, METRICS
 from qsweep.recipe import Recipe, export_recipe, safe_name
 from qsweep.sweep import QUANT_SPEC_FILE
+from qsweep.tracking import open_client
 
 # Exit code of `qsweep select` when no run meets the constraints (a best-effort recipe is still written).
 NO_FEASIBLE_EXIT = 3
@@ -67,9 +68,8 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
     Missing metrics are NaN, so callers can use any schema metric as a column. Search trials that do
     not carry model/device/dtype params inherit them from their parent run.
     """
-    import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -356,13 +356,12 @@ def select_command(args: list[str]) -> int:
     least-violating run is written to recipes/<name>.best-effort.yaml instead (a feasible recipe and the
     `selected` tag are left alone) and the exit code is NO_FEASIBLE_EXIT.
     """
-    import mlflow
 
     root, _ = load_config(select_overrides(args))
     sel, experiment, uri = root.select, experiment_name(root), mlflow_uri(root)
     frame = load_runs(uri, experiment)
     selection = select(frame, sel)
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     quant = run_quant_spec(client, selection.run)
     model, evaluation = run_context(client, frame, selection.run, root)
     name = safe_name(sel.name or experiment)

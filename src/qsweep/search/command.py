@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -11,7 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from qsweep.config import ConfigError, RootConf, load_config, mlflow_uri
+from qsweep.config import ConfigError, RootConf, first_line, load_config, mlflow_uri
 from qsweep.search.confirm import confirm, measured_verdict
 from qsweep.search.evaluate import CostModel, Evaluator
 from qsweep.search.space import NONE, Candidate, build_space, recipe_key, recipe_spec, resolve_candidates
@@ -103,26 +104,46 @@ def prepare(root: RootConf, overrides: list[str]) -> Setup:
 
 
 def _parent_run(tracker: Tracker, root: RootConf, point: Point, study: str) -> str:
-    """The study's MLflow run: found again on resume, so all workers nest their trials under it."""
+    """The study's MLflow run, RUNNING with no status until the search ends (run_search sets it): found
+    again on resume, so all workers nest their trials under it."""
     found = tracker.find(**{"qsweep.study": study, "qsweep.role": "search-study"})
     if found:
-        return found[-1].info.run_id  # the oldest, should two workers have raced to create one
+        run_id = found[-1].info.run_id  # the oldest, should two workers have raced to create one
+        tracker.reopen(run_id)
+        return run_id
     s = root.search
     params = {"model": root.model.name, "candidates": s.candidates, "objective": s.objective,
               "drift_metric": s.drift_metric, "max_drift": s.max_drift, "relative": s.relative,
               "pareto": s.pareto, "groups": s.groups, "compile": root.compile.name, "device": point.device,
               "dtype": point.dtype, "device_name": point.hw.name, "batch_size": root.bench.batch_size}
     tags = {"qsweep.study": study, "qsweep.role": "search-study", "model": root.model.name}
-    return tracker.record(f"search-{study}", "ok", "", params, {}, tags)
+    return tracker.start(f"search-{study}", params, tags)
 
 
 def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) one search worker end to end; returns the summary that is also written as JSON."""
+    """Run (or resume) one search worker end to end; returns the summary that is also written as JSON.
+    The parent run's status says how it ended: `ok` when a recipe met the budget, else `failed` with
+    the reason (no recipe met it, or the error that stopped the search)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     setup = prepare(root, overrides or [])
+    try:
+        result = _search(setup, started)
+    except BaseException as err:  # an interrupt too: a parent left RUNNING would look half-written
+        reason = f"{type(err).__name__}: {first_line(err)[:500]}" if str(err) else type(err).__name__
+        with contextlib.suppress(Exception):  # the search's own error is the one to report
+            setup.tracker.finish(setup.parent_run_id, "failed", f"search stopped: {reason}")
+        raise
+    s = root.search
+    setup.tracker.finish(setup.parent_run_id, "ok" if result["best"] else "failed",
+                         "" if result["best"] else f"no recipe met {s.drift_metric} <= {s.max_drift}")
+    return result
+
+
+def _search(setup: Setup, started: float) -> dict[str, Any]:
+    root = setup.root
     s, space = root.search, setup.space
     probe = setup.ev.measure(None)
     setup.drift(probe)  # fail early, with the metrics this model has, if drift_metric is not one of them

@@ -97,9 +97,9 @@ def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float,
     isolated trials' speedups, with twice the larger latency CV as the noise, or how far the re-measured
     unquantized recipe strayed from its baseline if that is larger (run-to-run noise that a within-run CV
     does not see). A smaller margin proves nothing."""
-    ok = confirmed[(confirmed["status"] == "ok") & confirmed["speedup"].notna()]
-    if drift_metric in ok:
-        ok = ok[ok[drift_metric].fillna(math.inf) <= budget]
+    ok = confirmed[(confirmed["status"] == "ok") & np.isfinite(confirmed["speedup"].astype(float))]
+    if drift_metric in ok:  # NaN drift never meets the budget
+        ok = ok[ok[drift_metric].astype(float).fillna(math.inf) <= budget]
     if ok.empty:
         return {"measured_best": None, "measured_mixed_beats_uniform": False}
     paired = objective != "size" and "paired_speedup" in ok and bool(ok["paired_speedup"].notna().all())

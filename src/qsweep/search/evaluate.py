@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from qsweep import measure
-from qsweep.config import RootConf
+from qsweep.accuracy import NonFiniteError, check_metrics, check_outputs
+from qsweep.config import ConfigError, RootConf
 from qsweep.models import build_model
 from qsweep.runner import (
     GRAPHED_MODES,
@@ -31,7 +32,11 @@ from qsweep.search.space import NONE, Candidate, Space
 
 class Evaluator:
     """The model built once per process, its baseline outputs and task metric; `measure` evaluates a
-    quantized deep copy with the grid's drift metrics (same eval inputs as runner trials)."""
+    quantized deep copy with the grid's drift metrics (same eval inputs as runner trials).
+
+    NaN/Inf anywhere fails loudly: a non-finite baseline is a ConfigError (nothing to search against),
+    a non-finite recipe raises NonFiniteError, so its trial is failed and can never meet the budget.
+    """
 
     def __init__(self, root: RootConf, device: str, dtype: str):
         self.root, self.device, self.dtype = root, device, getattr(torch, dtype)
@@ -42,6 +47,11 @@ class Evaluator:
         self.inputs = self.bundle.make_inputs(root.eval.n_samples, root.seed + 1)
         self.base_task = self._task(self.model)
         self.reference = {"outputs": self._outputs(self.model), "task": self.base_task}
+        try:
+            check_outputs(self.reference["outputs"])
+            check_metrics(self.base_task)
+        except NonFiniteError as err:
+            raise ConfigError(f"baseline failed: {err} (model {root.model.name}); nothing to search against") from None
         self.base_size = measure.model_size_bytes(self.model)
 
     def _outputs(self, model: nn.Module) -> torch.Tensor:
@@ -61,9 +71,14 @@ class Evaluator:
                    "layers_quantized": sum(type(m.weight.data) is not torch.Tensor for m in layers.values())}
         size = measure.model_size_bytes(model)
         metrics.update(size_bytes=size, size_ratio=self.base_size / size)
-        metrics.update(drift_metrics(self.reference, self._outputs(model), self._task(model), self.bundle))
-        del model
-        free_device_memory(self.device)
+        outputs = self._outputs(model)
+        try:
+            check_outputs(outputs)
+            metrics.update(drift_metrics(self.reference, outputs, self._task(model), self.bundle))
+            check_metrics(metrics)
+        finally:
+            del model
+            free_device_memory(self.device)
         return metrics
 
 

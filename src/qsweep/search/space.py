@@ -43,10 +43,10 @@ def resolve_candidates(root: RootConf, overrides: list[str], hw: schemes.Hardwar
     found: list[Candidate] = []
     for text in root.search.candidates:
         name, _, gran = text.partition(":")
-        if name not in choices("scheme"):
-            raise ConfigError(f"unknown search candidate {name!r}; valid schemes: {', '.join(choices('scheme'))}")
-        if gran and gran not in choices("granularity"):
-            raise ConfigError(f"unknown granularity in candidate {text!r}; valid: {', '.join(choices('granularity'))}")
+        if name not in choices("scheme", base):
+            raise ConfigError(f"unknown search candidate {name!r}; valid schemes: {', '.join(choices('scheme', base))}")
+        if gran and gran not in choices("granularity", base):
+            raise ConfigError(f"unknown granularity in candidate {text!r}; valid: {', '.join(choices('granularity', base))}")
         scheme = load_config([*base, f"scheme={name}"])[0].scheme
         gran = gran or (root.granularity.name if not scheme.granularities or root.granularity.name
                         in scheme.granularities else scheme.granularities[0])

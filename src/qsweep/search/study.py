@@ -16,11 +16,24 @@ from typing import Any
 
 import pandas as pd
 
+from qsweep.accuracy import NonFiniteError, check_metrics
 from qsweep.config import ConfigError, RootConf, first_line
 from qsweep.search.evaluate import CostModel, Evaluator
 from qsweep.search.space import NONE, Candidate, Space, counts, recipe_key, recipe_spec
 from qsweep.sweep import Point
 from qsweep.tracking import Tracker
+
+
+def error_reason(err: Exception, limit: int = 500) -> str:
+    """A failed evaluation's reason: a NonFiniteError's message is the whole reason."""
+    if isinstance(err, NonFiniteError):
+        return str(err)[:limit]
+    return f"{type(err).__name__}: {first_line(err)[:limit]}"
+
+
+def finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
 
 # ---------------------------------------------------------------- sensitivity and seeds
 
@@ -28,7 +41,8 @@ def sensitivity(ev: Evaluator, space: Space, cands: dict[str, Candidate], cost: 
                 drift_fn) -> pd.DataFrame:
     """Quantize one group at a time with each candidate: drift and gain per (group, candidate).
 
-    A (group, candidate) that raises is recorded as failed and leaves the search space.
+    A (group, candidate) that raises, or whose outputs or drift are NaN/Inf, is recorded as failed and
+    leaves the search space.
     """
     rows = []
     for key, names in space.free.items():
@@ -42,7 +56,7 @@ def sensitivity(ev: Evaluator, space: Space, cands: dict[str, Candidate], cost: 
                 row.update(status="ok", drift=drift_fn(metrics), **metrics,
                            gain=cost.gain(key, name, space, cands, objective))
             except Exception as err:
-                row.update(status="failed", reason=f"{type(err).__name__}: {first_line(err)[:300]}")
+                row.update(status="failed", reason=error_reason(err, 300))
             rows.append(row)
     table = pd.DataFrame(rows)
     for row in rows:
@@ -74,7 +88,8 @@ def greedy_seeds(table: pd.DataFrame, space: Space, budgets: list[float]) -> lis
     """Greedy recipes at several drift budgets, assuming per-group drifts add up: repeatedly take the
     upgrade with the best gain per unit of drift that keeps the estimated total within the budget."""
     ok = table[table["status"] == "ok"] if len(table) else table
-    info = {(r.group, r.candidate): (max(float(r.drift), 0.0), float(r.gain)) for r in ok.itertuples()}
+    info = {(r.group, r.candidate): (max(float(r.drift), 0.0), float(r.gain)) for r in ok.itertuples()
+            if finite(float(r.drift), float(r.gain))}  # a cached table may predate failing NaN rows
     seeds = []
     for budget in budgets:
         current = {k: NONE for k in space.free}
@@ -131,10 +146,17 @@ class Setup:
         return metrics["predicted_speedup" if self.root.search.objective == "speedup" else "size_ratio"]
 
     def evaluate(self, assignment: dict[str, str]) -> dict[str, float]:
+        """Metrics of one recipe; NonFiniteError if its outputs, drift or objective are NaN/Inf."""
         metrics = self.ev.measure(recipe_spec(assignment, self.space, list(self.cands.values())))
         predicted = self.cost.predict_ms(assignment, self.space, self.cands)
         metrics.update(predicted_latency_ms=predicted, predicted_speedup=self.cost.base_ms / predicted)
+        check_metrics(metrics)
         return metrics
+
+    def feasible(self, metrics: dict[str, float]) -> bool:
+        """Within the drift budget, with a finite drift and objective (NaN compares False, but say so)."""
+        drift, value = self.drift(metrics), self.value(metrics)
+        return finite(drift, value) and drift <= self.drift_budget
 
 
 def default_storage(root: RootConf) -> str:
@@ -169,21 +191,22 @@ def objective_fn(setup: Setup):
         started = time.perf_counter()
         try:
             metrics = setup.memo[key] if duplicate else setup.evaluate(assignment)
-        except Exception as err:
-            log_trial(setup, trial.number, assignment, "failed", f"{type(err).__name__}: {first_line(err)[:500]}",
-                       {}, traceback.format_exc())
-            print(f"[trial {trial.number}] failed: {type(err).__name__}: {first_line(err)[:200]}", flush=True)
+        except Exception as err:  # NaN/Inf outputs or drift too: a FAIL trial never counts as best
+            log_trial(setup, trial.number, assignment, "failed", error_reason(err),
+                       {}, None if isinstance(err, NonFiniteError) else traceback.format_exc())
+            print(f"[trial {trial.number}] failed: {error_reason(err, 200)}", flush=True)
             raise
         setup.memo[key] = metrics
         drift, value = setup.drift(metrics), setup.value(metrics)
-        trial.set_constraint("drift", drift - setup.drift_budget)  # <= 0 is feasible; TPE models it
+        # <= 0 is feasible; TPE models it. A non-finite drift or objective is never feasible.
+        trial.set_constraint("drift", drift - setup.drift_budget if finite(drift, value) else math.inf)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("counts", counts(assignment, setup.space))
         if duplicate:
             trial.set_user_attr("duplicate", True)
         else:
             trial.set_user_attr("run_id", log_trial(setup, trial.number, assignment, "ok", "", metrics))
-        ok = "ok" if drift <= setup.drift_budget else "over budget"
+        ok = "ok" if setup.feasible(metrics) else "over budget"
         print(f"[trial {trial.number}] {s.objective} {value:.3f}x  {s.drift_metric} {drift:.4g} ({ok})  "
               f"{counts(assignment, setup.space)}{'  (seen)' if duplicate else ''}  "
               f"{time.perf_counter() - started:.2f}s", flush=True)
@@ -246,9 +269,9 @@ def trials_table(study, setup: Setup) -> pd.DataFrame:
         row = {"trial": t.number, "state": t.state.name, "recipe": recipe_key(assignment),
                "uniform": uniforms.get(recipe_key(assignment), ""), "counts": json.dumps(t.user_attrs.get("counts", {})),
                "duplicate": bool(t.user_attrs.get("duplicate", False))}
-        if metrics:
+        if metrics:  # a study stored before NaN trials were failed may hold some: never feasible
             row.update(value=setup.value(metrics), drift=setup.drift(metrics), **metrics)
-            row["feasible"] = row["drift"] <= setup.drift_budget
+            row["feasible"] = setup.feasible(metrics)
         rows.append(row)
     table = pd.DataFrame(rows)
     if "feasible" not in table:
@@ -260,6 +283,8 @@ def trials_table(study, setup: Setup) -> pd.DataFrame:
 def best_rows(table: pd.DataFrame) -> pd.DataFrame:
     """Feasible, distinct recipes, best objective first (ties: lower drift, earlier trial)."""
     ok = table[(table["state"] == "COMPLETE") & table["feasible"]]
+    if len(ok):  # a NaN value or drift sorts last, yet a lone one would still come first
+        ok = ok[ok["value"].map(math.isfinite) & ok["drift"].map(math.isfinite)]
     return ok.sort_values(["value", "drift", "trial"], ascending=[False, True, True]).drop_duplicates("recipe")
 
 
@@ -268,6 +293,8 @@ def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
     from qsweep.select import pareto_front as pareto_mask
 
     ok = table[table["state"] == "COMPLETE"].drop_duplicates("recipe")
+    if len(ok):
+        ok = ok[ok["value"].map(math.isfinite) & ok["drift"].map(math.isfinite)]
     return ok[pareto_mask(ok, {"value": True, "drift": False})].sort_values("drift")
 
 
@@ -284,10 +311,10 @@ def exhaustive(setup: Setup) -> pd.DataFrame:
         try:
             metrics = setup.memo.get(key) or setup.evaluate(assignment)
         except Exception as err:
-            rows.append({"recipe": key, "state": "FAIL", "reason": first_line(err)[:200]})
+            rows.append({"recipe": key, "state": "FAIL", "reason": error_reason(err, 200)})
             continue
         setup.memo[key] = metrics
         drift = setup.drift(metrics)
         rows.append({"recipe": key, "state": "COMPLETE", "value": setup.value(metrics), "drift": drift,
-                     "feasible": drift <= setup.drift_budget, "counts": json.dumps(counts(assignment, setup.space))})
+                     "feasible": setup.feasible(metrics), "counts": json.dumps(counts(assignment, setup.space))})
     return pd.DataFrame(rows)
