@@ -1,5 +1,6 @@
 """A known set of runs in a real MLflow store, recorded through qsweep's Tracker with realistic values
-(an H100-like grid plus one per-layer search), so selection results can be asserted exactly."""
+(an H100-like grid plus one per-layer search), so selection results can be asserted exactly. Their specs
+are in the artifact an older qsweep wrote (quant_spec.json): older stores must stay readable."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pandas as pd
 
-from qsweep.sweep import QUANT_SPEC_FILE
+from qsweep.recipe import LEGACY_QUANT_FILE
 from qsweep.tracking import Tracker
 
 BASE_TASK = 0.5  # baseline accuracy: makes relative and absolute drift limits pick different runs
@@ -51,7 +52,7 @@ def record_known_runs(uri: str, experiment: str) -> dict[str, str]:
         {"qsweep.role": "baseline", "model": "digits_mlp"})}
     for name, (scheme, gran, speedup, size, peak, drop) in GRID.items():
         ids[name] = tracker.record(name, "ok", "", params(scheme, gran), metrics(speedup, size, peak, drop),
-                                   {"model": "digits_mlp"}, {QUANT_SPEC_FILE: json.dumps(INT8WO)})
+                                   {"model": "digits_mlp"}, {LEGACY_QUANT_FILE: json.dumps(INT8WO)})
     ids["int4wo-g32-max-autotune"] = tracker.record(  # failed runs are never candidates, whatever they logged
         "int4wo-g32-max-autotune", "failed", "CUDA out of memory", params("int4wo", "per_group"),
         metrics(5.0, 8.0, 1e6, 0.0), {"model": "digits_mlp"})
@@ -59,6 +60,6 @@ def record_known_runs(uri: str, experiment: str) -> dict[str, str]:
                             {"sensitivity.csv": SENSITIVITY.to_csv()})
     name, speedup, size, peak, drop = SEARCH_TRIAL
     ids[name] = tracker.record(name, "ok", "", {"trial": 3}, metrics(speedup, size, peak, drop),
-                               {"model": "digits_mlp"}, {QUANT_SPEC_FILE: json.dumps(PER_LAYER)}, parent_run_id=parent)
+                               {"model": "digits_mlp"}, {LEGACY_QUANT_FILE: json.dumps(PER_LAYER)}, parent_run_id=parent)
     ids["search-digits_mlp"] = parent
     return ids

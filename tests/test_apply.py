@@ -17,7 +17,7 @@ from qsweep.cli import main
 from qsweep.config import load_config, mlflow_uri
 from qsweep.recipe import load_recipe
 from qsweep.runner import run_trial
-from qsweep.sweep import QUANT_SPEC_FILE, Point, relative_to_baseline, resolved_yaml, run_point
+from qsweep.sweep import Point, relative_to_baseline, resolved_yaml, run_point
 from qsweep.tracking import Tracker
 
 DIGITS = ["model=digits_mlp", "model.builder.epochs=10", "isolate=false"]
@@ -76,7 +76,8 @@ def test_per_layer_recipe_round_trips(digits_grid):
     tracker = Tracker(mlflow_uri(root), "digits_search")
     parent = tracker.record("search", "ok", "", point.params(), {}, point.tags(), {"config.yaml": resolved_yaml(cfg)})
     tracker.record("trial-0", "ok", "", {"trial": 0}, result.metrics, {"model": "digits_mlp"},
-                   {QUANT_SPEC_FILE: json.dumps(PER_LAYER)}, parent_run_id=parent)
+                   {"recipe.json": json.dumps({"groups": {}, "quant": PER_LAYER})},  # as an older search logged it
+                   parent_run_id=parent)
     assert main(["select", f"output_dir={out}", "experiment=digits_search", "select.max_drift=0.5"]) == 0
     recipe = load_recipe(out / "recipes" / "digits_search.yaml")
     assert recipe.quant == PER_LAYER and recipe.eval == {"n_samples": 64, "batch_size": 32, "seed": 0}
@@ -152,3 +153,18 @@ def test_apply_of_a_model_with_nan_outputs_fails_verification(tmp_path):
     applied = apply_recipe(recipe, "cpu", tmp_path)
     assert applied.verification["ok"] is False
     assert "non-finite outputs: 100% NaN" in describe_verification(applied)
+
+
+def test_a_runs_own_recipe_artifact_applies_as_it_is(digits_grid):
+    """Every grid point logs its recipe in the one format: downloaded from MLflow, apply takes it unchanged."""
+    out = digits_grid
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits_mlp").experiment_id
+    (run,) = client.search_runs([experiment], "attributes.run_name = 'digits_mlp/intxwo_4-g32-none'")
+    path = Path(client.download_artifacts(run.info.run_id, "recipe.json", str(out)))
+    recipe = load_recipe(path)
+    assert recipe.source["kind"] == "grid" and recipe.metrics["size_bytes"] == run.data.metrics["size_bytes"]
+    assert recipe.model["builder"]["_target_"] == "qsweep.models.digits_mlp" and recipe.eval["n_samples"] == 64
+    assert main(["apply", f"recipe={path}", f"output_dir={out}", *FAST]) == 0
+    check = json.loads((out / "checkpoints" / recipe.name / "verification.json").read_text())
+    assert check["ok"] and check["drift"]["metric"] == "accuracy_drop"

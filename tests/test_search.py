@@ -10,6 +10,7 @@ import torch
 
 from qsweep.config import ConfigError, mlflow_uri
 from qsweep.models import build_model
+from qsweep.recipe import load_recipe
 from qsweep.runner import quantizable_layers, quantize
 from qsweep.schemes import Hardware, build
 from qsweep.search.command import default_study_name, run_search
@@ -101,8 +102,9 @@ def test_search_beats_or_matches_best_uniform_and_resume_adds_trials(compose, tm
     assert json.loads(trials[0].data.params["recipe_counts"])
     artifacts = {a.path for a in mlflow.MlflowClient(mlflow_uri(root)).list_artifacts(parents[0].info.run_id)}
     assert {"sensitivity.csv", "sensitivity.png", "pareto.png", "trials.csv", "best_recipe.json"} <= artifacts
-    saved = json.loads((tmp_path / "search" / default_study_name(root) / "best_recipe.json").read_text())
-    assert type(build(saved)).__name__ == "FqnToConfig"
+    saved = load_recipe(tmp_path / "search" / default_study_name(root) / "best_recipe.json")  # one format
+    assert type(build(saved.quant)).__name__ == "FqnToConfig" and saved.source["kind"] == "search"
+    assert saved.model["name"] == root.model.name and saved.metrics
 
 
 def test_a_budget_that_rules_out_uniform_int8_leaves_a_mixed_recipe_strictly_best(compose):

@@ -141,13 +141,16 @@ def verify(recipe: Recipe, metrics: dict[str, float], reload_diff: float, sel: S
     """Compare re-measured metrics with the recorded ones: drift cost within drift_tol, size within size_tol,
     and the reloaded model's outputs identical to the quantized model's."""
     sel = sel or SelectConf()
-    metric, relative = recipe.selection["drift_metric"], recipe.selection["relative"]
+    # A run's own recipe.json has no selection yet: its drift is checked on the metric select would use.
+    auto = "accuracy_drop" if "accuracy_drop" in recipe.metrics else "drift_cosine"
+    metric, relative = recipe.selection.get("drift_metric", auto), recipe.selection.get("relative", False)
     recorded = drift_cost(pd.DataFrame([_with_schema(recipe.metrics)]), metric, relative)[0].iloc[0]
-    measured = drift_cost(pd.DataFrame([_with_schema(metrics)]), metric, relative)[0].iloc[0]
+    measured, label = drift_cost(pd.DataFrame([_with_schema(metrics)]), metric, relative)
+    measured = measured.iloc[0]
     size_rec, size_new = recipe.metrics.get("size_bytes", math.nan), metrics.get("size_bytes", math.nan)
     size_rel = abs(size_new - size_rec) / size_rec if size_rec else math.nan
     checks = {
-        "drift": {"metric": recipe.selection["cost_label"], "recorded": float(recorded), "measured": float(measured),
+        "drift": {"metric": recipe.selection.get("cost_label", label), "recorded": float(recorded), "measured": float(measured),
                   "abs_diff": float(abs(measured - recorded)), "tolerance": sel.drift_tol,
                   "ok": bool(abs(measured - recorded) <= sel.drift_tol)},
         "size_bytes": {"recorded": size_rec, "measured": size_new, "rel_diff": size_rel, "tolerance": sel.size_tol,
@@ -221,7 +224,7 @@ def apply_command(args: list[str]) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     applied.checkpoint = target / applied.checkpoint.name
-    tracker = Tracker(mlflow_uri(root), recipe.source["experiment"])
+    tracker = Tracker(mlflow_uri(root), recipe.source.get("experiment") or root.tracking.experiment)
     tracker.record(f"apply-{recipe.name}", "ok" if ok else "failed",
                    "" if ok else f"verification failed: {_failed_checks(applied.verification)}",
                    _apply_params(recipe, applied, device), applied.metrics,
@@ -240,7 +243,7 @@ def _failed_checks(verification: dict) -> str:
 
 
 def _apply_params(recipe: Recipe, applied: Applied, device: str) -> dict[str, Any]:
-    return {"recipe": recipe.name, "source_run_id": recipe.source["run_id"], "source_run": recipe.source["run_name"],
+    return {"recipe": recipe.name, "source_run_id": recipe.source.get("run_id"), "source_run": recipe.source.get("run_name"),
             "model": recipe.model["name"], "device": device, "dtype": recipe.dtype,
             "checkpoint": str(applied.checkpoint), "checkpoint_format": applied.fmt, **versions()}
 

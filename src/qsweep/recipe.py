@@ -1,4 +1,9 @@
-"""The recipe file: what to ship (a torchao config and the model it was measured on), as plain YAML.
+"""The recipe: what to ship (a torchao config and the model it was measured on), one format everywhere.
+
+Every measured config carries it: each grid point and search trial logs `recipe.json` (RECIPE_FILE) with
+its own metrics, a search writes its best as one, `qsweep select` adds the selection and writes it as
+YAML, and `qsweep apply` reads either form (JSON is YAML). Stores written by an older qsweep are still
+read (`quant_spec.json`, a search trial's `{"groups", "quant"}`).
 
 A recipe is data that people share and download, never code to run. Loading one checks every part
 that could reach code before anything is built:
@@ -12,7 +17,9 @@ that could reach code before anything is built:
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,8 @@ import yaml
 from qsweep import schemes
 from qsweep.config import ConfigError, first_line
 
+RECIPE_FILE = "recipe.json"  # run artifact of every grid point and search trial
+LEGACY_QUANT_FILE = "quant_spec.json"  # older grid points: the bare torchao spec
 # Builder keys that would load or run code from the model's files; a recipe may not turn them on.
 CODE_KEYS = ("trust_remote_code",)
 # Builder keys naming a folder the builder writes to (a trained model's cache); apply points them into
@@ -43,6 +52,42 @@ class Recipe:
     hardware: dict  # {device, device_name}
     versions: dict
     created: str
+
+
+def measured_recipe(name: str, quant: dict, model: dict, dtype: str, evaluation: dict, metrics: dict[str, float],
+                    source: dict, hardware: dict, versions: dict) -> Recipe:
+    """The recipe of one measured config, before any selection (what a run logs as RECIPE_FILE).
+
+    Args:
+        model: {name, builder, quantize_filter}; evaluation: {n_samples, batch_size, seed}.
+    """
+    return Recipe(name=safe_name(name), quant=quant, model=model, dtype=dtype, eval=evaluation,
+                  metrics={k: float(v) for k, v in metrics.items()}, selection={}, source=source,
+                  hardware=hardware, versions=versions,
+                  created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def model_section(model: dict) -> dict:
+    """A recipe's `model` from a model config (conf/model/*.yaml as a dict)."""
+    return {"name": model["name"], "builder": dict(model["builder"]), "quantize_filter": model.get("quantize_filter")}
+
+
+def eval_section(evaluation: dict, seed: int) -> dict:
+    """A recipe's `eval` (how its drift was measured) from an eval config and the run's seed."""
+    return {"n_samples": evaluation["n_samples"], "batch_size": evaluation["batch_size"], "seed": seed}
+
+
+def to_json(recipe: Recipe) -> str:
+    return json.dumps(asdict(recipe), indent=1, default=str)
+
+
+def from_artifact(name: str, text: str) -> dict:
+    """The recipe fields a run artifact holds: a whole recipe (RECIPE_FILE), or, from older stores, only
+    {"quant": spec} (quant_spec.json, or a search trial's {"groups", "quant"} recipe.json)."""
+    data = json.loads(text)
+    if name == LEGACY_QUANT_FILE:
+        return {"quant": data}
+    return {k: data[k] for k in Recipe.__dataclass_fields__ if k in data}
 
 
 def safe_name(text: str) -> str:

@@ -10,7 +10,6 @@ The recipe file format is `qsweep.recipe`; `qsweep.apply` turns a recipe into a 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -26,8 +25,16 @@ from omegaconf import OmegaConf
 from qsweep import schemes
 from qsweep.config import ConfigError, RootConf, SelectConf, load_config, mlflow_uri
 from qsweep.metrics import BY_NAME, METRICS
-from qsweep.recipe import Recipe, export_recipe, safe_name
-from qsweep.sweep import QUANT_SPEC_FILE
+from qsweep.recipe import (
+    LEGACY_QUANT_FILE,
+    RECIPE_FILE,
+    Recipe,
+    eval_section,
+    export_recipe,
+    from_artifact,
+    model_section,
+    safe_name,
+)
 from qsweep.tracking import open_client
 
 # Exit code of `qsweep select` when no run meets the constraints (a best-effort recipe is still written).
@@ -263,22 +270,20 @@ def _violations(row: pd.Series, sel: SelectConf, label: str) -> list[str]:
 
 # ---------------------------------------------------------------- recipes
 
-def run_quant_spec(client, run: pd.Series) -> dict:
-    """The plain torchao spec of a run: its quant_spec.json (or a search trial's recipe.json) artifact,
-    else rebuilt from its config.yaml."""
-    text = artifact_text(client, run["run_id"], QUANT_SPEC_FILE)
-    if text is not None:
-        return json.loads(text)
-    text = artifact_text(client, run["run_id"], "recipe.json")  # search trials: {"groups": ..., "quant": spec}
-    if text is not None and "quant" in json.loads(text):
-        return json.loads(text)["quant"]
+def run_recipe(client, run: pd.Series) -> dict:
+    """The recipe fields a run carries: its recipe.json (quant, model, eval and more), else from an older
+    store its quant_spec.json, else the quant rebuilt from its config.yaml."""
+    for name in (RECIPE_FILE, LEGACY_QUANT_FILE):
+        text = artifact_text(client, run["run_id"], name)
+        if text is not None:
+            return from_artifact(name, text)
     text = artifact_text(client, run["run_id"], "config.yaml")
     if text is not None:
         cfg = OmegaConf.create(text)
         spec = schemes.quant_spec(cfg.scheme, cfg.granularity, cfg.group_size)
         if spec is not None:
-            return spec
-    raise ConfigError(f"run {run['run']} ({run['run_id']}) has neither {QUANT_SPEC_FILE} nor config.yaml; "
+            return {"quant": spec}
+    raise ConfigError(f"run {run['run']} ({run['run_id']}) has neither {RECIPE_FILE} nor config.yaml; "
                       "cannot tell its torchao config")
 
 
@@ -311,9 +316,7 @@ def run_context(client, frame: pd.DataFrame, run: pd.Series, root: RootConf) -> 
 
 
 def _context(model: dict, evaluation: dict, seed: int) -> tuple[dict, dict]:
-    return ({"name": model["name"], "builder": dict(model["builder"]),
-             "quantize_filter": model.get("quantize_filter")},
-            {"n_samples": evaluation["n_samples"], "batch_size": evaluation["batch_size"], "seed": seed})
+    return model_section(model), eval_section(evaluation, seed)
 
 
 def build_recipe(selection: Selection, sel: SelectConf, experiment: str, quant: dict, model: dict,
@@ -362,8 +365,12 @@ def select_command(args: list[str]) -> int:
     frame = load_runs(uri, experiment)
     selection = select(frame, sel)
     client = open_client(uri)
-    quant = run_quant_spec(client, selection.run)
-    model, evaluation = run_context(client, frame, selection.run, root)
+    stored = run_recipe(client, selection.run)
+    if "model" in stored and "eval" in stored:
+        model, evaluation = stored["model"], stored["eval"]
+    else:  # an older store: the model and eval settings come from a run's config.yaml
+        model, evaluation = run_context(client, frame, selection.run, root)
+    quant = stored["quant"]
     name = safe_name(sel.name or experiment)
     recipe = build_recipe(selection, sel, experiment, quant, model, evaluation, name)
     file_name = f"{name}.yaml" if selection.feasible else f"{name}.best-effort.yaml"

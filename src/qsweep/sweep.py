@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from qsweep import schemes
 from qsweep.config import ConfigError, RootConf, first_line, mlflow_uri
 from qsweep.metrics import STATUSES
+from qsweep.recipe import RECIPE_FILE, Recipe, eval_section, measured_recipe, model_section, to_json
 from qsweep.runner import TrialResult, TrialSpec, run_isolated, run_trial
 from qsweep.tracking import PointRecord, RecordError, Tracker
 
@@ -45,7 +46,6 @@ if not OmegaConf.has_resolver("qsweep.pid"):
 
 RECORDS_FILE = "records.jsonl"
 PLAN_FILE = "plan.json"
-QUANT_SPEC_FILE = "quant_spec.json"  # run artifact: the plain torchao config spec (grid and search runs)
 TRIAL_INFO_TAGS = ("timing_mode", "peak_mem_kind", "prefill_timing_mode", "decode_timing_mode", "kv_cache")
 TABLE_COLUMNS = ["model", "run", "status", "speedup", "latency_ms", "latency_cv", "size_ratio", "drift_sqnr_db",
                  "drift_cosine", "accuracy_drop", "layers_quantized", "layers_total", "peak_mem_bytes",
@@ -263,6 +263,15 @@ class Point:
         self.config_key = _hash({**self.context, "quant": self.quant})
         self.baseline_key = _hash({**self.context, "quant": None})
 
+    def recipe(self, metrics: dict[str, float]) -> Recipe:
+        """This point's config and measurements in the one recipe format."""
+        r = self.root
+        return measured_recipe(
+            self.name, self.quant, model_section(dataclasses.asdict(r.model)), self.dtype,
+            eval_section(dataclasses.asdict(r.eval), r.seed), metrics,
+            source={"experiment": r.tracking.experiment, "run_name": self.name, "kind": "grid"},
+            hardware={"device": self.device, "device_name": self.hw.name}, versions=versions())
+
     @property
     def timing(self) -> str:
         if self.root.bench.timing == "auto":
@@ -478,8 +487,8 @@ def _record(point: Point, tracker: Tracker, status: str, reason: str, metrics: d
             result: TrialResult | None = None, extra_tags: dict[str, str] | None = None,
             baseline_metrics: dict[str, float] | None = None) -> PointRecord:
     texts = {"config.yaml": point.resolved_yaml} if point.resolved_yaml else {}
-    if point.quant is not None:  # the torchao config as plain data: what `qsweep select` exports
-        texts[QUANT_SPEC_FILE] = json.dumps(point.quant, indent=1)
+    if point.quant is not None:  # what `qsweep select` exports and `qsweep apply` reads
+        texts[RECIPE_FILE] = to_json(point.recipe(metrics))
     tags = {**point.tags(), **(extra_tags or {})}
     if result is not None:
         texts["trial_info.json"] = json.dumps(result.info, indent=1, default=str)

@@ -13,9 +13,10 @@ import pandas as pd
 import torch
 
 from qsweep.config import ConfigError, RootConf, first_line, load_config, mlflow_uri
+from qsweep.recipe import to_json
 from qsweep.search.confirm import confirm, measured_verdict
 from qsweep.search.evaluate import CostModel, Evaluator
-from qsweep.search.space import NONE, Candidate, build_space, recipe_key, recipe_spec, resolve_candidates
+from qsweep.search.space import NONE, Candidate, build_space, recipe_key, resolve_candidates
 from qsweep.search.study import (
     Setup,
     best_rows,
@@ -25,6 +26,7 @@ from qsweep.search.study import (
     greedy_seeds,
     pareto_front,
     run_trials,
+    trial_recipe,
     trials_table,
 )
 from qsweep.sweep import Point
@@ -214,14 +216,18 @@ def _summary(setup: Setup, trials: pd.DataFrame, best: pd.DataFrame, uniform: pd
                                         uniform.iloc[0]["value"] + 1e-9)}
 
 
+BEST_RECIPE_FILE = "best_recipe.json"  # in the study's folder and on its parent run
+
+
 def _write_outputs(setup: Setup, result: dict[str, Any], best: pd.DataFrame) -> None:
     """summary.json and best_recipe.json next to the plots, all of them artifacts of the parent run."""
     out = setup.out_dir
     (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
     winner = _winner(result)
-    if winner:
-        spec = recipe_spec(winner["recipe"], setup.space, list(setup.cands.values()))
-        (out / "best_recipe.json").write_text(json.dumps(spec, indent=1))
+    if winner:  # the one recipe format: `qsweep apply recipe=<this file>` takes it as it is
+        metrics = setup.memo.get(recipe_key(winner["recipe"]), {})
+        recipe = trial_recipe(setup, f"{setup.study_name}-best", winner["trial"], winner["recipe"], metrics)
+        (out / BEST_RECIPE_FILE).write_text(to_json(recipe))
     client, run_id = setup.tracker.client, setup.parent_run_id
     for f in sorted(out.iterdir()):
         if f.suffix in (".csv", ".png", ".json"):

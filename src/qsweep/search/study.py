@@ -3,6 +3,7 @@ storage with resume and retries, and the trials as a table (best, Pareto front, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -18,6 +19,7 @@ import pandas as pd
 
 from qsweep.accuracy import NonFiniteError, check_metrics
 from qsweep.config import ConfigError, RootConf, first_line
+from qsweep.recipe import RECIPE_FILE, Recipe, safe_name, to_json
 from qsweep.search.evaluate import CostModel, Evaluator
 from qsweep.search.space import NONE, Candidate, Space, counts, recipe_key, recipe_spec
 from qsweep.sweep import Point
@@ -215,6 +217,16 @@ def objective_fn(setup: Setup):
     return objective
 
 
+def trial_recipe(setup: Setup, name: str, number: int, assignment: dict[str, str],
+                 metrics: dict[str, float]) -> Recipe:
+    """A trial's recipe in the one format; `source.groups` keeps the group -> scheme choice it came from."""
+    return dataclasses.replace(
+        setup.point.recipe(metrics), name=safe_name(name),
+        quant=recipe_spec(assignment, setup.space, list(setup.cands.values())),
+        source={"experiment": setup.root.tracking.experiment, "run_name": name, "kind": "search",
+                "study": setup.study_name, "trial": number, "groups": assignment})
+
+
 def log_trial(setup: Setup, number: int, assignment: dict[str, str], status: str, reason: str,
                metrics: dict[str, float], tb: str | None = None, role: str = "search-trial") -> str:
     """One nested MLflow run: the grid's params and metric schema, the recipe as a JSON artifact."""
@@ -222,11 +234,10 @@ def log_trial(setup: Setup, number: int, assignment: dict[str, str], status: str
               "torchao_config": "FqnToConfig", "recipe_counts": counts(assignment, setup.space),
               "study": setup.study_name, "trial": number}
     tags = {"qsweep.study": setup.study_name, "qsweep.role": role, "model": setup.root.model.name}
-    texts = {"recipe.json": json.dumps({"groups": assignment, "quant": recipe_spec(
-        assignment, setup.space, list(setup.cands.values()))}, indent=1)}
+    name = f"{setup.study_name}-{'confirm' if role != 'search-trial' else 'trial'}-{number}"
+    texts = {RECIPE_FILE: to_json(trial_recipe(setup, name, number, assignment, metrics))}
     if tb:
         texts["traceback.txt"] = tb
-    name = f"{setup.study_name}-{'confirm' if role != 'search-trial' else 'trial'}-{number}"
     return setup.tracker.record(name, status, reason, params, metrics, tags, texts, parent_run_id=setup.parent_run_id)
 
 
