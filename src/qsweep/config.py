@@ -1,11 +1,15 @@
 """Config schemas (registered in Hydra's ConfigStore), composition and validation.
 
 Every user mistake becomes a `ConfigError` with one line naming the valid choices; the CLI prints it
-without a traceback.
+without a traceback. Values from a fixed set are Enum fields, which OmegaConf checks as the config is
+composed; every other rule is a `__post_init__` check, run when the composed config becomes dataclasses
+(`to_root`). Objectives and drift metrics are read from the metric schema (`qsweep.objectives`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import importlib.resources
 import os
 import re
@@ -13,12 +17,16 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
+
+from qsweep import objectives
 
 
 class ConfigError(ValueError):
@@ -30,21 +38,84 @@ class ConfigError(ValueError):
 CONF_DIR = Path(os.environ.get("QSWEEP_CONF_DIR") or Path(__file__).parent / "conf").resolve()
 SEARCHPATH = "hydra.searchpath"  # the Hydra key users add their own config folders with
 GROUPS = ("model", "scheme", "granularity", "compile", "bench", "eval", "tracking", "search", "select", "sweep")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-TIMINGS = ("auto", "device", "e2e")
-OBJECTIVES = ("speedup", "size_ratio", "peak_mem_bytes", "drift")
-DRIFT_METRICS = ("auto", "accuracy_drop", "drift_kl", "drift_max_abs", "drift_cosine", "top1_agreement",
-                 "drift_sqnr_db")
-CHECKPOINT_FORMATS = ("auto", "safetensors", "torch")
+AUTO = "auto"
+
+
+class Choice(str, enum.Enum):
+    """A config value from a fixed set. OmegaConf checks it as the config is composed (`device=tpu` fails
+    there); afterwards it is a plain string to every consumer: it compares, hashes, formats and serialises
+    (JSON, YAML, MLflow params) as its value, so point hashes and recorded params are unchanged."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+# Recipes are written with yaml.safe_dump, which represents str but not its subclasses.
+yaml.SafeDumper.add_multi_representer(Choice, lambda dumper, value: dumper.represent_str(str(value.value)))
+
+
+class Device(Choice):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Dtype(Choice):
+    auto = "auto"  # bfloat16 on CUDA, float32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Timing(Choice):
+    auto = "auto"  # device on CUDA, e2e on CPU
+    device = "device"  # CUDA-graph replays timed with events: no launch overhead
+    e2e = "e2e"  # plain calls with a sync, as a user calls the model
+
+
+class CheckpointFormat(Choice):
+    auto = "auto"  # safetensors where torchao can flatten every tensor, else torch.save
+    safetensors = "safetensors"
+    torch = "torch"
+
+
+# search.objective: one member per row of objectives.SEARCH_OBJECTIVES.
+SearchObjectiveName = Choice("SearchObjectiveName", [(name, name) for name in objectives.SEARCH_OBJECTIVES],
+                             module=__name__)
+
+
+def _member(kind: type[Choice], value: Any, key: str) -> Choice:
+    """`value` as a member of `kind`: a dataclass built in code (not composed) is checked here too."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(invalid(key, value, [m.value for m in kind])) from None
+
+
+def invalid(key: str, value: Any, valid: Sequence[Any]) -> str:
+    """The one-line message for a value outside its choices: `device='tpu' is invalid; valid: auto, cpu, cuda`."""
+    return f"{key}={value!r} is invalid; valid: {', '.join(map(str, valid))}"
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(key: str, value: int) -> None:
+    _check(value > 0, f"{key}={value} is invalid; it must be a positive integer")
 
 
 @dataclass
 class ModelConf:
     name: str = MISSING
     builder: dict[str, Any] = MISSING  # {_target_: qsweep.models.<fn>, **kwargs}
-    dtype: str | None = None  # a model may insist on a dtype (LMs: bfloat16); null = top-level dtype
+    dtype: Dtype | None = None  # a model may insist on a dtype (LMs: bfloat16); null = top-level dtype
     quantize_filter: str | None = None  # regex on layer names that may be quantized; null = all Linear
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            self.dtype = _member(Dtype, self.dtype, "model.dtype")
 
 
 @dataclass
@@ -67,6 +138,10 @@ class SchemeConf:
     bits: int | None = None
     requires: RequiresConf = field(default_factory=RequiresConf)
 
+    def __post_init__(self) -> None:
+        _check(self.bits is None or 1 <= self.bits <= 8,
+               f"scheme.bits={self.bits} is invalid; valid: 1, 2, 3, 4, 5, 6, 7, 8")
+
 
 @dataclass
 class GranularityConf:
@@ -86,7 +161,7 @@ class BenchConf:
     batch_size: int = 16
     warmup: int = 5
     repeats: int = 30
-    timing: str = "auto"  # device: CUDA graphs, no launch overhead | e2e: as a user calls it | auto
+    timing: Timing = Timing.auto
     l2_flush: bool = False
     max_cv: float = 0.10  # a run noisier than this is flagged
     processes: int = 1  # independent measurements per point, each in a fresh process that compiles again
@@ -95,6 +170,12 @@ class BenchConf:
     # LMs: tokens per sequence in the timed forward (latency_ms, the search's cost model). null: eval.seq_len,
     # a prefill-shaped forward; 1: a decode-shaped step, weight-bound like generation.
     tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        self.timing = _member(Timing, self.timing, "bench.timing")
+        _check(self.repeats >= 3 and self.warmup >= 0,
+               "bench.repeats must be >= 3 (a median needs repeats) and bench.warmup >= 0")
+        _positive("bench.batch_size", self.batch_size)
 
 
 @dataclass
@@ -106,6 +187,10 @@ class EvalConf:
     drift_positions: int = 4  # LMs: positions per sample whose logits are compared with the baseline
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "batch_size", "seq_len", "drift_positions"):
+            _positive(f"eval.{name}", getattr(self, name))
+
 
 @dataclass
 class TrackingConf:
@@ -113,17 +198,13 @@ class TrackingConf:
     experiment: str = "qsweep"
 
 
-SEARCH_OBJECTIVES = ("speedup", "size")
-SEARCH_DRIFTS = ("accuracy_drop", "drift_kl", "drift_max_abs")  # lower-is-better metrics of qsweep.metrics
-
-
 @dataclass
 class SearchConf:
     """Per-layer recipe search (qsweep search): see conf/search/default.yaml for the meaning of each key."""
 
     candidates: list[str] = field(default_factory=lambda: ["none", "int8wo", "intxwo_4", "intxwo_2"])
-    objective: str = "speedup"  # speedup (cost model, confirmed end to end) | size (measured size_ratio)
-    drift_metric: str = "accuracy_drop"
+    objective: SearchObjectiveName = SearchObjectiveName("speedup")  # a row of objectives.SEARCH_OBJECTIVES
+    drift_metric: str = "accuracy_drop"  # a lower-is-better drift metric of the schema
     max_drift: float = 0.01
     relative: bool = False  # max_drift is a fraction of the baseline task metric (accuracy_drop only)
     pareto: bool = False  # two objectives (objective, drift) -> a Pareto front; the budget still holds
@@ -141,6 +222,22 @@ class SearchConf:
     max_exhaustive: int = 4096
     max_retry: int = 1  # retries of a trial whose worker died (heartbeat)
 
+    def __post_init__(self) -> None:
+        self.objective = _member(SearchObjectiveName, self.objective, "search.objective")
+        drifts = objectives.search_drift_metrics()
+        _check(self.drift_metric in drifts, invalid("search.drift_metric", self.drift_metric, drifts))
+        _check(not self.relative or self.drift_metric == "accuracy_drop",
+               "search.relative=true needs search.drift_metric=accuracy_drop (a baseline's KL is 0)")
+        _check(self.max_drift >= 0, f"search.max_drift={self.max_drift} is invalid; it must be >= 0")
+        _check(self.n_trials > 0 and self.confirm_top_k >= 0,
+               "search.n_trials must be > 0 and search.confirm_top_k >= 0")
+        _check(len(self.candidates) >= 2, "search.candidates needs at least two schemes, e.g. [none,int8wo]")
+        for pattern in self.groups:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"search.groups: {pattern!r} is not a regex: {err}") from None
+
 
 @dataclass
 class SelectConf:
@@ -149,10 +246,10 @@ class SelectConf:
     experiment: str | None = None  # MLflow experiment to read; null = tracking.experiment
     name: str | None = None  # recipe name (outputs/recipes/<name>.yaml); null = the experiment's name
     recipe: str | None = None  # apply: path of the recipe file
-    drift_metric: str = "auto"  # auto: accuracy_drop when the runs have it, else 1 - drift_cosine
+    drift_metric: str = AUTO  # a drift metric of the schema; auto: accuracy_drop when the runs have it, else drift_cosine
     max_drift: float = 0.01  # upper bound on the drift cost (see drift_metric)
     relative: bool = False  # accuracy_drop as a fraction of the baseline's task metric
-    objective: str = "speedup"  # speedup | size_ratio | peak_mem_bytes | drift
+    objective: str = "speedup"  # an objective metric of the schema (objectives.selection_objectives) or drift
     min_speedup: float | None = None
     max_size_bytes: float | None = None
     max_mem_bytes: float | None = None
@@ -161,7 +258,16 @@ class SelectConf:
     dtype: str | None = None
     drift_tol: float = 0.005  # apply: |re-measured - recorded| allowed on the drift metric
     size_tol: float = 0.02  # apply: relative difference allowed on size_bytes
-    checkpoint_format: str = "auto"  # auto (safetensors where torchao supports it) | safetensors | torch
+    checkpoint_format: CheckpointFormat = CheckpointFormat.auto
+
+    def __post_init__(self) -> None:
+        # Read from the schema when checked, not fixed at import: a new objective metric is valid at once.
+        goals, drifts = list(objectives.selection_objectives()), [AUTO, *objectives.drift_metrics()]
+        _check(self.objective in goals, invalid("select.objective", self.objective, goals))
+        _check(self.drift_metric in drifts, invalid("select.drift_metric", self.drift_metric, drifts))
+        self.checkpoint_format = _member(CheckpointFormat, self.checkpoint_format, "select.checkpoint_format")
+        _check(not self.relative or self.drift_metric in (AUTO, "accuracy_drop"),
+               "select.relative=true applies to drift_metric accuracy_drop (or auto) only")
 
 
 @dataclass
@@ -176,12 +282,19 @@ class RootConf:
     search: SearchConf = field(default_factory=SearchConf)
     select: SelectConf = field(default_factory=SelectConf)
     group_size: int = 128
-    device: str = "auto"
-    dtype: str = "auto"
+    device: Device = Device.auto
+    dtype: Dtype = Dtype.auto
     seed: int = 0
     output_dir: str = "outputs"
     force: bool = False  # re-run points already finished
     isolate: bool = True  # each trial in its own child process
+
+    def __post_init__(self) -> None:
+        self.device = _member(Device, self.device, "device")
+        self.dtype = _member(Dtype, self.dtype, "dtype")
+        gs = self.group_size
+        _check(isinstance(gs, int) and gs > 0 and gs & (gs - 1) == 0,
+               f"group_size={gs} is invalid; torchao needs a positive power of two, e.g. 32, 64, 128, 256")
 
 
 def register_schema() -> None:
@@ -245,60 +358,15 @@ def with_config_dirs(overrides: Sequence[str], dirs: Sequence[str]) -> list[str]
 
 
 def to_root(cfg: DictConfig) -> RootConf:
-    """Turn a composed config into checked dataclasses; raise ConfigError on any bad value."""
+    """Turn a composed config into checked dataclasses (each one's `__post_init__` checks its values);
+    raise ConfigError on any bad value."""
     try:
-        root: RootConf = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except ConfigError:
+        raise
     except Exception as err:  # OmegaConf's messages are multi-line; keep the first
         raise ConfigError(first_line(err)) from None
-    _check(root.device in DEVICES, f"device={root.device!r} is invalid; valid: {', '.join(DEVICES)}")
-    _check(root.dtype in DTYPES, f"dtype={root.dtype!r} is invalid; valid: {', '.join(DTYPES)}")
-    _check(root.bench.timing in TIMINGS, f"bench.timing={root.bench.timing!r} is invalid; valid: {', '.join(TIMINGS)}")
-    gs = root.group_size
-    _check(isinstance(gs, int) and gs > 0 and gs & (gs - 1) == 0,
-           f"group_size={gs} is invalid; torchao needs a positive power of two, e.g. 32, 64, 128, 256")
-    bits = root.scheme.bits
-    _check(bits is None or 1 <= bits <= 8, f"scheme.bits={bits} is invalid; valid: 1, 2, 3, 4, 5, 6, 7, 8")
-    _check(root.bench.repeats >= 3 and root.bench.warmup >= 0,
-           "bench.repeats must be >= 3 (a median needs repeats) and bench.warmup >= 0")
-    for name, value in (("bench.batch_size", root.bench.batch_size), ("eval.n_samples", root.eval.n_samples),
-                        ("eval.batch_size", root.eval.batch_size), ("eval.seq_len", root.eval.seq_len),
-                        ("eval.drift_positions", root.eval.drift_positions)):
-        _check(value > 0, f"{name}={value} is invalid; it must be a positive integer")
-    _check_search(root.search)
-    _check_select(root.select)
-    return root
 
-
-def _check_search(s: SearchConf) -> None:
-    _check(s.objective in SEARCH_OBJECTIVES,
-           f"search.objective={s.objective!r} is invalid; valid: {', '.join(SEARCH_OBJECTIVES)}")
-    _check(s.drift_metric in SEARCH_DRIFTS,
-           f"search.drift_metric={s.drift_metric!r} is invalid; valid: {', '.join(SEARCH_DRIFTS)}")
-    _check(not s.relative or s.drift_metric == "accuracy_drop",
-           "search.relative=true needs search.drift_metric=accuracy_drop (a baseline's KL is 0)")
-    _check(s.max_drift >= 0, f"search.max_drift={s.max_drift} is invalid; it must be >= 0")
-    _check(s.n_trials > 0 and s.confirm_top_k >= 0, "search.n_trials must be > 0 and search.confirm_top_k >= 0")
-    _check(len(s.candidates) >= 2, "search.candidates needs at least two schemes, e.g. [none,int8wo]")
-    for pattern in s.groups:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ConfigError(f"search.groups: {pattern!r} is not a regex: {err}") from None
-
-
-def _check_select(sel: SelectConf) -> None:
-    _check(sel.objective in OBJECTIVES, f"select.objective={sel.objective!r} is invalid; valid: {', '.join(OBJECTIVES)}")
-    _check(sel.drift_metric in DRIFT_METRICS,
-           f"select.drift_metric={sel.drift_metric!r} is invalid; valid: {', '.join(DRIFT_METRICS)}")
-    _check(sel.checkpoint_format in CHECKPOINT_FORMATS,
-           f"select.checkpoint_format={sel.checkpoint_format!r} is invalid; valid: {', '.join(CHECKPOINT_FORMATS)}")
-    _check(not sel.relative or sel.drift_metric in ("auto", "accuracy_drop"),
-           "select.relative=true applies to drift_metric accuracy_drop (or auto) only")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def first_line(err: BaseException) -> str:
@@ -386,6 +454,22 @@ def _explain(err: Exception, overrides: list[str]) -> str:
         node = OmegaConf.select(base, parent) if parent else base
         valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
         return f"unknown key {name!r}; valid keys{' under ' + parent if parent else ''}: {valid}"
-    if err.__cause__ is not None:  # a bad value: Hydra's own line only names the override
-        return f"{first_line(err)}: {first_line(err.__cause__)}"
+    cause = err.__cause__
+    kind = _choice_type(cause) if isinstance(cause, ValidationError) else None
+    if kind is not None:  # OmegaConf checked an Enum field: name the key and its members in qsweep's words
+        return invalid(str(cause.full_key), cause.value, [m.value for m in kind])
+    if cause is not None:  # a bad value: Hydra's own line only names the override
+        return f"{first_line(err)}: {first_line(cause)}"
     return first_line(err)
+
+
+def _choice_type(err: ValidationError) -> type[Choice] | None:
+    """The Choice type of the schema field that a validation error is about, or None."""
+    owner, leaf = err.object_type, str(err.full_key).rpartition(".")[2]
+    if not (isinstance(owner, type) and dataclasses.is_dataclass(owner)):
+        return None
+    hint = get_type_hints(owner).get(leaf)
+    for kind in (hint, *get_args(hint)):
+        if isinstance(kind, type) and issubclass(kind, Choice):
+            return kind
+    return None

@@ -15,17 +15,25 @@ class Metric:
     doc: str
     # NaN is never a valid value; +inf is only where it has a meaning (SQNR of identical outputs).
     allows_inf: bool = False
+    # A selection objective (`select.objective=<name>`) and a dimension of the Pareto front.
+    objective: bool = False
+    # A drift measure that selection (`select.drift_metric`) and, if lower is better, the search budget.
+    drift: bool = False
+    # The value of identical outputs, for a higher-is-better drift metric: its cost is `ideal - value`
+    # (None: the cost is `-value`).
+    ideal: float | None = None
 
 
 METRICS: tuple[Metric, ...] = (
     # size
     Metric("size_bytes", "bytes", False, "quantized state_dict saved with torch.save, bytes on disk"),
-    Metric("size_ratio", "x", True, "baseline size_bytes / trial size_bytes"),
+    Metric("size_ratio", "x", True, "baseline size_bytes / trial size_bytes", objective=True),
     # memory
     Metric("weights_mem_bytes", "bytes", False, "device memory held by the model's parameters and buffers"),
     Metric("peak_mem_bytes", "bytes", False,
            "whole peak during one inference (weights + KV cache + activations): CUDA max_memory_allocated "
-           "after a reset, nothing subtracted; CPU: peak RSS of the trial process (sampled every ms)"),
+           "after a reset, nothing subtracted; CPU: peak RSS of the trial process (sampled every ms)",
+           objective=True),
     Metric("activation_peak_bytes", "bytes", False,
            "growth during one inference over what was held before it (activations, KV cache, workspaces): "
            "CUDA max_memory_allocated minus memory_allocated at the start; CPU: peak RSS minus RSS at the start"),
@@ -42,7 +50,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("latency_e2e_ms", "ms", False,
            "median latency of plain calls with a sync, launch overhead included (= latency_ms on CPU)"),
     Metric("throughput", "samples/s", True, "batch_size / latency"),
-    Metric("speedup", "x", True, "baseline latency_ms / trial latency_ms, same compile mode and batch"),
+    Metric("speedup", "x", True, "baseline latency_ms / trial latency_ms, same compile mode and batch",
+           objective=True),
     Metric("compile_s", "s", False, "time of the first (compiling) calls; 0 without torch.compile"),
     Metric("quantize_s", "s", False, "time spent in torchao quantize_"),
     # per-layer search: predicted by the cost model (per-layer microbenchmarks), not measured end to end
@@ -56,18 +65,22 @@ METRICS: tuple[Metric, ...] = (
            "LM: bench.batch_size x bench.decode_tokens / median time of the greedy decode loop (StaticCache)"),
     # output drift against the baseline on the same inputs
     Metric("drift_sqnr_db", "dB", True,
-           "signal-to-quantization-noise ratio of the outputs vs baseline (+inf: identical outputs)", allows_inf=True),
-    Metric("drift_max_abs", "abs", False, "max absolute output difference vs baseline"),
-    Metric("drift_cosine", "ratio", True, "mean cosine similarity of outputs vs baseline (1 = identical)"),
+           "signal-to-quantization-noise ratio of the outputs vs baseline (+inf: identical outputs)", allows_inf=True,
+           drift=True),
+    Metric("drift_max_abs", "abs", False, "max absolute output difference vs baseline", drift=True),
+    Metric("drift_cosine", "ratio", True, "mean cosine similarity of outputs vs baseline (1 = identical)",
+           drift=True, ideal=1.0),
     Metric("drift_kl", "nats", False,
-           "classifier/LM: mean KL(baseline || trial) of the output distributions (LM: next-token, per position)"),
-    Metric("top1_agreement", "ratio", True, "LM/classifier: fraction of positions whose argmax matches baseline"),
+           "classifier/LM: mean KL(baseline || trial) of the output distributions (LM: next-token, per position)",
+           drift=True),
+    Metric("top1_agreement", "ratio", True, "LM/classifier: fraction of positions whose argmax matches baseline",
+           drift=True, ideal=1.0),
     # task-level accuracy
     Metric("task_metric", "task", None, "task metric of the quantized model (accuracy, or perplexity for LMs)"),
     Metric("task_metric_delta", "task", None, "task_metric - baseline task_metric"),
     Metric("task_metric_delta_rel", "ratio", None, "(task_metric - baseline) / baseline"),
     Metric("accuracy_drop", "ratio", False,
-           "task cost of quantization, >= 0 is worse: accuracy lost (abs) or relative perplexity increase"),
+           "task cost of quantization, >= 0 is worse: accuracy lost (abs) or relative perplexity increase", drift=True),
     # coverage
     Metric("layers_quantized", "count", None, "Linear layers whose weight torchao replaced"),
     Metric("layers_total", "count", None, "Linear layers that were candidates"),

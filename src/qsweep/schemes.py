@@ -1,21 +1,27 @@
-"""Scheme config -> torchao config object, grid-point normalisation and hardware capability checks.
+"""Scheme config -> torchao config object, grid-point normalisation, hardware capability checks, and
+quantizing a model's Linear layers with it.
 
 A scheme's torchao config travels as a plain dict (`{"_target_": "torchao.quantization.X", ...}`):
 it is hashed to find duplicate grid points, sent to the trial's child process, and written into
 recipe files. `build` is the only place that turns such a dict into objects, and it only builds
-classes from torchao's quantization namespace (a recipe is data, never code to run).
+classes from torchao's quantization namespace (a recipe is data, never code to run). An enum field of a
+torchao config is written as its member's name, `mapping_type: MappingType.ASYMMETRIC` (or `ASYMMETRIC`;
+a string-valued enum also takes its value, `int4_packing_format: tile_packed_to_4d`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import importlib
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from qsweep.config import ConfigError, GranularityConf, SchemeConf, first_line
 
@@ -65,6 +71,8 @@ def skip_reason(scheme: SchemeConf, granularity: GranularityConf, group_size: in
         return f"{scheme.name} accepts group_size {'|'.join(map(str, scheme.group_sizes))}, not {group_size}"
     try:
         build(quant_spec(scheme, granularity, group_size))
+    except ConfigError:  # a mistake in the YAML (a bad enum member), not a combination torchao rejects
+        raise
     except (ValueError, AssertionError, TypeError) as err:  # torchao validates in __post_init__
         return f"torchao rejects {scheme.name} with {granularity.name}: {first_line(err)}"
     return None
@@ -91,7 +99,9 @@ def build(spec: Any) -> Any:
     """Build torchao objects from a plain dict spec.
 
     `_target_` must name a class in torchao.quantization; strings `torch.<dtype>` become torch
-    dtypes. Raises ConfigError for anything else.
+    dtypes, and a string given to an enum field of a torchao config becomes that enum's member (by
+    name: `MappingType.ASYMMETRIC` or `ASYMMETRIC`). Raises ConfigError for anything else, a string
+    that names no member included.
     """
     if isinstance(spec, list):
         return [build(item) for item in spec]
@@ -105,7 +115,49 @@ def build(spec: Any) -> Any:
     kwargs = {k: build(v) for k, v in spec.items() if k != "_target_"}
     if "_target_" not in spec:
         return kwargs
-    return _allowed_class(spec["_target_"])(**kwargs)
+    cls = _allowed_class(spec["_target_"])
+    if issubclass(cls, enum.Enum):  # the explicit form, {_target_: ...MappingType, value: 3}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{spec!r} is no {cls.__name__}; valid: {', '.join(cls.__members__)}") from None
+    return cls(**{key: _as_member(cls, key, value) for key, value in kwargs.items()})
+
+
+def _as_member(cls: type, key: str, value: Any) -> Any:
+    """A string given to an enum field of a torchao config, as the member it names; other values as given.
+
+    Without this, torchao keeps a plain string (or rejects it in an assert, and the point would be
+    recorded `skipped` for a typo).
+    """
+    kinds = _enum_types(cls).get(key)
+    if not kinds or not isinstance(value, str):
+        return value
+    for kind in kinds:
+        name = value.removeprefix(f"{kind.__name__}.")
+        if name in kind.__members__:
+            return kind[name]
+        for member in kind:  # a string-valued enum by its value, e.g. Int4PackingFormat's "tile_packed_to_4d"
+            if member.value == value:
+                return member
+    valid = ", ".join(f"{kind.__name__}.{name}" for kind in kinds for name in kind.__members__)
+    raise ConfigError(f"{cls.__name__}.{key}={value!r} is invalid; valid: {valid}")
+
+
+def _enum_types(cls: type) -> dict[str, list[type[enum.Enum]]]:
+    """Field name -> the enum types its annotation admits (through Optional and Union), for a dataclass."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a forward reference torchao's module cannot resolve: the raw annotations
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    found = {}
+    for name, hint in hints.items():
+        kinds = [t for t in (hint, *typing.get_args(hint)) if isinstance(t, type) and issubclass(t, enum.Enum)]
+        if kinds:
+            found[name] = kinds
+    return found
 
 
 def _allowed_class(target: Any) -> type:
@@ -131,6 +183,59 @@ def _allowed_class(target: Any) -> type:
             and issubclass(cls, (AOBaseConfig, Granularity, enum.Enum))):
         raise refusal
     return cls
+
+
+# ---------------------------------------------------------------- quantizing a model
+
+def quantizable_layers(model: nn.Module, pattern: str | None) -> dict[str, nn.Linear]:
+    """Linear layers (by fully-qualified name) that may be quantized: all, or those `pattern` matches."""
+    regex = re.compile(pattern) if pattern else None
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (regex is None or regex.search(name))}
+
+
+def quantize(model: nn.Module, quant: dict, candidates: dict[str, nn.Linear]) -> dict[str, str]:
+    """Apply a torchao config spec in place. Per-layer recipes (FqnToConfig) name their own layers;
+    a uniform scheme goes to every candidate whose in_features the group size divides (torchao
+    rejects the others; skipping them matches what users expect and is counted).
+
+    Returns:
+        The candidates skipped on purpose, name -> why (empty for a per-layer recipe).
+    """
+    from torchao.quantization import quantize_  # not at import: the trial fork server must not load torchao
+
+    config = build(quant)
+    if is_per_layer(quant):
+        quantize_(model, config, filter_fn=None)
+        return {}
+    group = group_size_of(quant)
+    skipped = {name: f"in_features {m.in_features} not divisible by group_size {group}"
+               for name, m in candidates.items() if group and m.in_features % group}
+    chosen = {id(m) for name, m in candidates.items() if name not in skipped}
+    quantize_(model, config, filter_fn=lambda module, fqn: id(module) in chosen)
+    return skipped
+
+
+def is_per_layer(quant: dict) -> bool:
+    """A per-layer recipe (FqnToConfig) rather than one scheme for every candidate."""
+    return quant["_target_"].endswith("FqnToConfig")
+
+
+def group_size_of(spec: Any) -> int | None:
+    """The group size a torchao config spec uses (searched through nested granularities), or None."""
+    if isinstance(spec, dict):
+        if isinstance(spec.get("group_size"), int):
+            return spec["group_size"]
+        for value in spec.values():
+            found = group_size_of(value)
+            if found:
+                return found
+    return None
+
+
+def is_quantized(layer: nn.Linear) -> bool:
+    """torchao replaced the layer's weight with one of its tensor subclasses."""
+    return type(layer.weight.data) is not torch.Tensor
 
 
 def describe(spec: dict | None) -> str:

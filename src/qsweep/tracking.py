@@ -1,4 +1,6 @@
-"""MLflow: one experiment per sweep, one run per grid point, the metric schema from qsweep.metrics.
+"""MLflow, the one place qsweep writes and reads it: one experiment per model (or `tracking.experiment`),
+one run per grid point nested under its sweep's parent run, the metric schema from qsweep.metrics, and
+every tag, role and artifact name below.
 
 Several qsweep processes may share one SQLite store (two terminals, a launcher with n_jobs > 1). SQLite
 has no server to order them, so every store access of a Tracker holds one file lock beside the database
@@ -9,6 +11,11 @@ held for milliseconds, never during a trial.
 A run is written status last: created RUNNING with its writer (host:pid), then params, metrics and
 artifacts, then the `status` tag, then FINISHED/FAILED. A run without a status tag, or still RUNNING, is
 half-written and never reused; one whose writer process is gone is marked FAILED on the next start.
+A point's run starts and ends when its trial did (not when it was written), so MLflow's Duration is the
+trial's wall time.
+
+Reads go through the client, page by page, not `mlflow.search_runs`: that one reads the process-wide
+tracking URI (`mlflow.set_tracking_uri`), and qsweep passes a store per call (tests use one per test).
 """
 
 from __future__ import annotations
@@ -19,19 +26,54 @@ import logging
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qsweep.config import first_line
-from qsweep.metrics import only_metrics
+import pandas as pd
+
+from qsweep.config import ConfigError, first_line
+from qsweep.metrics import BY_NAME, METRICS, STATUSES, only_metrics
 
 # MLflow's SQLite store logs its schema migrations at INFO on every new store.
 logging.getLogger("alembic").setLevel(logging.WARNING)
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+# ---------------------------------------------------------------- names
+
+# Statuses of a point (the `status` tag): measured, failed (retried by the next sweep), skipped (a
+# combination the scheme forbids, or a duplicate config), unsupported (this hardware cannot run it).
+OK, FAILED, SKIPPED, UNSUPPORTED = STATUSES
+STATUS_TAG, REASON_TAG, MODEL_TAG, NOISY_TAG = "status", "reason", "model", "noisy"
+ROLE_TAG = "qsweep.role"  # what a run is, when it is not a grid point: one of the roles below
+ROLE_BASELINE = "baseline"  # the unquantized measurement of a context
+ROLE_SWEEP = "sweep"  # a sweep's parent run: its results table, plots and counts; the points nest under it
+ROLE_SEARCH = "search-study"  # a per-layer search's parent run
+ROLE_TRIAL, ROLE_CONFIRM = "search-trial", "search-confirm"  # its trials, and recipes measured end to end
+ROLE_REPORT, ROLE_APPLY = "report", "apply"  # `qsweep report` and `qsweep apply` runs
+NOT_POINTS = (ROLE_REPORT, ROLE_APPLY)  # roles of runs that are not measurements of a config
+PARENT_ROLES = (ROLE_SEARCH, ROLE_SWEEP)  # summaries: their children are the points, they are never candidates
+POINT_TAG = "qsweep.point"  # hash of a grid point: config, model identity, hardware, versions (reuse)
+CONFIG_TAG = "qsweep.config"  # hash of the torchao config in its context: two points, one measurement
+BASELINE_TAG = "qsweep.baseline"  # hash of a point's baseline context
+STUDY_TAG = "qsweep.study"  # a search's study name, on its parent and trials
+SWEEP_TAG = "qsweep.sweep"  # a sweep parent's grid hash: what a resumed sweep finds again
 WRITER_TAG = "qsweep.writer"  # host:pid of the process writing the run; tells an orphan from a live run
+SELECTED_TAG, SELECTED_RECIPE_TAG = "selected", "selected.recipe"  # `qsweep select`'s pick and its file
+PARENT_TAG, RUN_NAME_TAG = "mlflow.parentRunId", "mlflow.runName"
+NOTE_TAG = "mlflow.note.content"  # a run's description, markdown on its MLflow page
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # an experiment's saved views in the MLflow UI (qsweep.dashboard)
 # Runs qsweep writes carry one of these tags; other runs in the experiment are left alone.
-QSWEEP_TAGS = (WRITER_TAG, "qsweep.point", "qsweep.role", "qsweep.study")
+QSWEEP_TAGS = (WRITER_TAG, POINT_TAG, ROLE_TAG, STUDY_TAG)
+
+# Artifact file names (the recipe's own file names live in qsweep.recipe).
+CONFIG_FILE = "config.yaml"  # a point's resolved Hydra config
+TRIAL_INFO_FILE = "trial_info.json"  # how a trial was measured (timing mode, memory kind, ...)
+TRACEBACK_FILE = "traceback.txt"  # a failed trial's traceback or crashed child's last stderr lines
+RESULTS_FILE = "results.csv"  # a sweep's results table (the sweep folder and its parent run)
+SENSITIVITY_FILE = "sensitivity.csv"  # a search parent's per-layer sensitivity (group, candidate, drift)
+CONTEXT_KEYS = ("model", "device", "dtype")  # a search trial that lacks them inherits them from its parent
 
 
 @dataclass
@@ -45,10 +87,12 @@ class PointRecord:
     metrics: dict[str, float]
     run_id: str | None = None
     reused: bool = False
+    experiment: str | None = None
 
     def row(self) -> dict[str, Any]:
         return {"model": self.params.get("model"), "run": self.run_name,
-                "status": self.status + (" (reused)" if self.reused else ""), **self.metrics, "reason": self.reason}
+                "status": self.status + (" (reused)" if self.reused else ""), **self.metrics, "reason": self.reason,
+                "run_id": self.run_id}
 
 
 class RecordError(RuntimeError):
