@@ -12,11 +12,14 @@ from qsweep import sweep
 from qsweep.accuracy import (
     NonFiniteError,
     accuracy_drop,
+    accuracy_metrics,
     check_outputs,
     logits_drift,
     non_finite_outputs,
     output_drift,
 )
+from qsweep.models import build_model
+from qsweep.schemes import quantizable_layers, quantize
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +102,21 @@ def test_non_finite_outputs_say_which_and_how_much():
     assert non_finite_outputs(torch.tensor([1, 2])) is None  # integer outputs cannot be NaN
     with pytest.raises(NonFiniteError, match=r"^non-finite outputs: 25% NaN, 50% Inf$"):
         check_outputs(mixed)
+
+
+def test_accuracy_metrics_write_the_reference_then_measure_drift_against_it(tmp_path):
+    """Directly, without a trial: the baseline writes the reference, a quantized copy is measured against it."""
+    builder = {"_target_": "qsweep.models.toy_linear", "in_features": 64, "hidden": 64, "out_features": 32}
+    settings = dict(device="cpu", dtype=torch.float32, samples=32, batch_size=8, seed=0,
+                    reference_path=tmp_path / "ref.pt")
+    base = build_model(builder, 0)
+    assert accuracy_metrics(base.model, base, is_baseline=True, **settings) == {}  # no task metric: nothing
+    assert (tmp_path / "ref.pt").exists() and not list(tmp_path.glob("*.tmp"))
+    same = accuracy_metrics(build_model(builder, 0).model, base, is_baseline=False, **settings)
+    assert same["drift_sqnr_db"] == math.inf and same["drift_max_abs"] == 0.0
+    int2 = build_model(builder, 0)
+    quantize(int2.model, {"_target_": "torchao.quantization.IntxWeightOnlyConfig", "weight_dtype": "torch.int2",
+                          "granularity": {"_target_": "torchao.quantization.PerAxis", "axis": 0}},
+             quantizable_layers(int2.model, None))
+    drift = accuracy_metrics(int2.model, int2, is_baseline=False, **settings)
+    assert 0 < drift["drift_sqnr_db"] < 30 and drift["drift_cosine"] < 1.0

@@ -38,10 +38,12 @@ def _summary(stdout: str) -> dict[str, int]:
     return dict(zip(["points", "ok", "failed", "skipped", "unsupported", "reused"], map(int, found[0])))
 
 
-def _runs(tmp_path: Path, experiment: str) -> pd.DataFrame:
+def _runs(tmp_path: Path, experiment: str, parents: bool = False) -> pd.DataFrame:
+    """The points of an experiment (with `parents`: the sweeps' parent runs instead)."""
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    return pd.DataFrame([{"name": r.info.run_name, "state": r.info.status, **r.data.tags} for r in found])
+    return pd.DataFrame([{"name": r.info.run_name, "state": r.info.status, "run_id": r.info.run_id, **r.data.tags}
+                         for r in found if (r.data.tags.get("qsweep.role") == "sweep") == parents])
 
 
 def test_three_sweeps_at_once_record_every_point_exactly_once(tmp_path):
@@ -59,6 +61,12 @@ def test_three_sweeps_at_once_record_every_point_exactly_once(tmp_path):
     block = _runs(tmp_path, "mlp_block")
     assert sorted(block["name"]) == ["mlp_block/int8wo-per_row-none", "mlp_block/none-none"]
     assert set(block["status"]) == {"ok"}
+    # Two sweeps of one grid at once: each its own parent run (neither takes the other's, still running).
+    toy_parents, block_parents = _runs(tmp_path, "toy", parents=True), _runs(tmp_path, "mlp_block", parents=True)
+    assert len(toy_parents) == 2 and len(block_parents) == 1
+    assert set(toy_parents["status"]) == set(block_parents["status"]) == {"ok"}
+    assert set(toy["mlflow.parentRunId"]) <= set(toy_parents["run_id"])
+    assert set(block["mlflow.parentRunId"]) == set(block_parents["run_id"])
 
     # Each sweep its own folder and summary; the two toy sweeps together recorded each point once and
     # reported the rest (the points the other one measured, or that it waited for) as reused.
@@ -79,7 +87,7 @@ import mlflow
 log_text = mlflow.MlflowClient.log_text
 
 def refuses(self, run_id, text, artifact_file, *args, **kwargs):
-    if artifact_file == "quant_spec.json" and "Int8WeightOnlyConfig" in text and "PerRow" in text:
+    if artifact_file == "recipe.json" and "Int8WeightOnlyConfig" in text and "PerRow" in text:
         raise OSError("No space left on device (injected)")
     return log_text(self, run_id, text, artifact_file, *args, **kwargs)
 

@@ -1,11 +1,13 @@
 """Every YAML composes and validates; every bad input gives one line naming the valid choices."""
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qsweep.cli import check_grid, main
-from qsweep.config import CONF_DIR, ConfigError, choices, mlflow_uri
+from qsweep.config import CONF_DIR, BenchConf, ConfigError, Device, RootConf, choices, mlflow_uri
 
 GROUP_FILES = sorted(p for p in CONF_DIR.rglob("*.yaml") if p.parent != CONF_DIR)
 
@@ -39,7 +41,13 @@ def test_all_groups_are_populated():
     (["schem=int8wo"], ["unknown key 'schem'", "scheme"]),
     (["bench.repats=3"], ["unknown key 'bench.repats'", "repeats"]),
     (["scheme=intxwo", "scheme.bits=9"], ["scheme.bits=9", "1, 2"]),
-    (["device=tpu"], ["device='tpu'", "cuda"]),
+    (["device=tpu"], ["device='tpu' is invalid; valid: auto, cpu, cuda"]),
+    (["dtype=fp8"], ["dtype='fp8' is invalid; valid: auto, float32, bfloat16, float16"]),
+    (["bench.timing=gpu"], ["bench.timing='gpu' is invalid; valid: auto, device, e2e"]),
+    (["select.checkpoint_format=zip"], ["select.checkpoint_format='zip'", "safetensors, torch"]),
+    (["search.objective=latency"], ["search.objective='latency' is invalid; valid: speedup, size"]),
+    (["select.objective=latency_ms"], ["select.objective='latency_ms'", "speedup", "drift"]),
+    (["eval.seq_len=0"], ["eval.seq_len=0", "positive integer"]),
     (["bench.processes=x"], ["bench.processes=x", "could not be converted to Integer"]),
 ])
 def test_bad_input_is_one_clear_line(args, must_name, capsys):
@@ -72,3 +80,30 @@ def test_tracking_store_precedence(compose, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/env.db")
     assert mlflow_uri(compose()) == "sqlite:////elsewhere/env.db"
     assert mlflow_uri(compose("tracking.uri=sqlite:////x/cli.db")) == "sqlite:////x/cli.db"
+
+
+def test_checks_run_when_a_schema_is_built_in_code_too():
+    with pytest.raises(ConfigError, match="bench.timing='gpu' is invalid"):
+        BenchConf(timing="gpu")
+    with pytest.raises(ConfigError, match="bench.repeats must be >= 3"):
+        BenchConf(repeats=1)
+    assert BenchConf(timing="e2e").timing == "e2e"
+
+
+def test_choices_are_plain_strings_downstream(compose):
+    """Enum fields must not change point hashes, MLflow params or recipe files: they are their value."""
+    root = compose("device=cpu", "dtype=float32", "bench.timing=e2e")
+    assert isinstance(root, RootConf) and root.device is Device.cpu
+    assert root.device == "cpu" and f"{root.device}/{root.dtype}" == "cpu/float32" and str(root.bench.timing) == "e2e"
+    assert json.dumps({"device": root.device, "bench": vars(root.bench)}) == json.dumps(
+        {"device": "cpu", "bench": {**vars(root.bench), "timing": "e2e"}})
+    assert yaml.safe_dump({"dtype": root.dtype}) == "dtype: float32\n"
+    assert {"cpu": 1}[root.device] == 1
+
+
+def test_a_bad_choice_in_a_yaml_file_names_the_file(tmp_path, capsys):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "mine.yaml").write_text("batch_size: 4\ntiming: gpu\n")
+    assert main(["run", "bench=mine", f"hydra.searchpath=[file://{tmp_path}]", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "qsweep: error: bench/mine.yaml: bench.timing='gpu' is invalid; valid: auto, device, e2e"

@@ -11,7 +11,8 @@ import torch
 from qsweep import lm
 from qsweep.config import ConfigError, choices
 from qsweep.models import RECIPE_BUILDERS, build_model
-from qsweep.runner import TrialSpec, quantizable_layers, run_trial
+from qsweep.runner import TrialSpec, run_trial
+from qsweep.schemes import quantizable_layers
 
 
 def test_digits_mlp_trains_once_then_loads_the_cached_checkpoint(compose, tmp_path):

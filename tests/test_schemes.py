@@ -1,15 +1,18 @@
-"""Every scheme YAML is applied to a real model with a forward pass, or recorded unsupported on CPU."""
+"""Every scheme YAML is applied to a real model with a forward pass, or recorded unsupported on CPU; torchao
+enum fields are written by member name and a bad one is a one-line error."""
 
 import pytest
 import torch
+from torchao.quantization import MappingType
 
 from qsweep import schemes
+from qsweep.cli import main
 from qsweep.config import ConfigError, choices
 from qsweep.sweep import run_point
 
 SMALL_TOY = ["model=toy", "model.builder.in_features=256", "model.builder.hidden=256",
              "model.builder.out_features=256", "isolate=false"]
-CPU_UNSUPPORTED = {"int4wo", "int4wo_hqq", "float8dq", "float8dq_int4"}
+INTX = "torchao.quantization.IntxWeightOnlyConfig"
 
 
 @pytest.mark.parametrize("scheme", choices("scheme"))
@@ -18,7 +21,7 @@ def test_every_scheme_runs_or_is_unsupported(scheme, compose):
     granularity = root.scheme.granularities[0] if root.scheme.granularities else "per_row"
     root = compose(*SMALL_TOY, f"scheme={scheme}", f"granularity={granularity}", "group_size=32")
     record = run_point(root)
-    if scheme in CPU_UNSUPPORTED and not torch.cuda.is_available():
+    if root.scheme.requires.cuda and not torch.cuda.is_available():  # what the YAML's `requires` says
         assert record.status == "unsupported" and "CUDA" in record.reason
         return
     assert record.status == "ok", record.reason
@@ -72,3 +75,39 @@ def test_build_refuses_classes_outside_torchao():
     built = schemes.build({"_target_": "torchao.quantization.IntxWeightOnlyConfig", "weight_dtype": "torch.int4",
                            "granularity": {"_target_": "torchao.quantization.PerGroup", "group_size": 32}})
     assert built.weight_dtype == torch.int4 and built.granularity.group_size == 32
+
+
+def test_the_cuda_only_schemes_are_the_ones_the_yaml_marks(compose):
+    """The list the test above derives from `requires: {cuda: true}` (int4wo_hqq inherits it from int4wo)."""
+    cuda_only = {name for name in choices("scheme") if compose(f"scheme={name}").scheme.requires.cuda}
+    assert {"int4wo", "int4wo_hqq", "float8dq", "float8dq_int4"} <= cuda_only
+    assert not cuda_only & {"none", "int8wo", "int8dq", "intxwo", "float8wo"}
+
+
+def test_enum_fields_take_member_names():
+    for text in ("MappingType.ASYMMETRIC", "ASYMMETRIC"):
+        built = schemes.build({"_target_": INTX, "weight_dtype": "torch.int4", "mapping_type": text})
+        assert built.mapping_type is MappingType.ASYMMETRIC
+    int4 = schemes.build({"_target_": "torchao.quantization.Int4WeightOnlyConfig",
+                          "int4_packing_format": "tile_packed_to_4d"})  # a string-valued enum by its value
+    assert int4.int4_packing_format.name == "TILE_PACKED_TO_4D"
+    explicit = schemes.build({"_target_": INTX, "mapping_type": {"_target_": "torchao.quantization.MappingType",
+                                                                  "value": MappingType.ASYMMETRIC.value}})
+    assert explicit.mapping_type is MappingType.ASYMMETRIC
+
+
+def test_a_bad_enum_member_is_a_config_error_naming_the_members(compose):
+    with pytest.raises(ConfigError, match=r"IntxWeightOnlyConfig.mapping_type='ASYMETRIC' is invalid; valid: "
+                                          r"MappingType.SYMMETRIC, MappingType.SYMMETRIC_NO_CLIPPING_ERR"):
+        schemes.build({"_target_": INTX, "mapping_type": "ASYMETRIC"})
+    root = compose("scheme=intxwo", "granularity=per_group", "+scheme.config.mapping_type=ASYMETRIC")
+    with pytest.raises(ConfigError, match="MappingType.ASYMMETRIC"):  # not a `skipped` point
+        schemes.skip_reason(root.scheme, root.granularity, root.group_size)
+
+
+def test_a_bad_enum_member_ends_the_run_in_one_line(tmp_path, capsys):
+    code = main(["run", "scheme=intxwo", "granularity=per_group", "+scheme.config.mapping_type=ASYMETRIC",
+                 "device=cpu", "bench=fast", f"output_dir={tmp_path}", "hydra/job_logging=disabled",
+                 "hydra/hydra_logging=disabled"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("qsweep: error: ") and "MappingType.SYMMETRIC" in err[0]

@@ -11,8 +11,7 @@ import torch
 from qsweep.config import ConfigError, mlflow_uri
 from qsweep.models import build_model
 from qsweep.recipe import load_recipe
-from qsweep.runner import quantizable_layers, quantize
-from qsweep.schemes import Hardware, build
+from qsweep.schemes import Hardware, build, quantizable_layers, quantize
 from qsweep.search.command import default_study_name, run_search
 from qsweep.search.space import build_space, recipe_spec, resolve_candidates
 from qsweep.search.study import default_storage

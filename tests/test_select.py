@@ -13,8 +13,9 @@ import yaml
 from known_runs import BASE_TASK, PER_LAYER, record_known_runs
 from qsweep.cli import main
 from qsweep.config import ConfigError, SelectConf
+from qsweep.objectives import pareto_front
 from qsweep.recipe import load_recipe
-from qsweep.select import NO_FEASIBLE_EXIT, drift_cost, load_runs, pareto_front, select
+from qsweep.select import NO_FEASIBLE_EXIT, drift_cost, load_runs, select
 from qsweep.tracking import Tracker
 
 

@@ -23,12 +23,15 @@ def qsweep(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> sub
                           timeout=600)
 
 
-def runs(tmp_path: Path, experiment: str) -> pd.DataFrame:
+def runs(tmp_path: Path, experiment: str, parents: bool = False) -> pd.DataFrame:
+    """The points of an experiment (with `parents`: the sweeps' parent runs instead)."""
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
-    return mlflow.search_runs([exp.experiment_id], tracking_uri=None) if False else pd.DataFrame(
+    return pd.DataFrame(
         [{"name": r.info.run_name, "status": r.data.tags["status"], "reason": r.data.tags.get("reason", ""),
-          **r.data.metrics} for r in client.search_runs([exp.experiment_id])])
+          "run_id": r.info.run_id, "parent": r.data.tags.get("mlflow.parentRunId"), **r.data.metrics}
+         for r in client.search_runs([exp.experiment_id])
+         if (r.data.tags.get("qsweep.role") == "sweep") == parents])
 
 
 def test_grid_records_every_status_and_a_crash_does_not_stop_it(tmp_path):
@@ -46,8 +49,15 @@ def test_grid_records_every_status_and_a_crash_does_not_stop_it(tmp_path):
     csv = next(tmp_path.glob("runs/*/results.csv"))
     assert len(pd.read_csv(csv)) == 8
 
+    (parent,) = runs(tmp_path, "crashy", parents=True).itertuples()  # the sweep: every point nests under it
+    assert parent.status == "failed" and parent.reason.startswith("8 points: 1 ok, 3 failed")
+    assert set(table["parent"]) == {parent.run_id}
+
     again = qsweep(tmp_path, *grid)  # resume: only the failed points are tried again
     assert "8 points: 0 ok, 3 failed, 0 skipped, 0 unsupported, 5 reused" in again.stdout, again.stdout[-3000:]
+    (resumed,) = runs(tmp_path, "crashy", parents=True).itertuples()  # the same parent, with the new points
+    assert resumed.run_id == parent.run_id and resumed.reason.startswith("8 points: 0 ok, 3 failed")
+    assert set(runs(tmp_path, "crashy")["parent"]) == {parent.run_id}
 
 
 def test_run_names_and_the_results_table_say_which_model(tmp_path):

@@ -21,11 +21,10 @@ import torch
 
 from qsweep.accuracy import NonFiniteError
 from qsweep.config import ConfigError, SelectConf, load_config, mlflow_uri
-from qsweep.measure import model_size_bytes
+from qsweep.measure import model_size_bytes, to_device
 from qsweep.metrics import METRICS
 from qsweep.recipe import WRITE_PATH_KEYS, Recipe, check_model, load_recipe, unmatched_fqns
-from qsweep.runner import to_device
-from qsweep.select import ROLE_TAG, drift_cost, select_overrides
+from qsweep.select import drift_cost, select_overrides
 from qsweep.sweep import resolve_device, versions
 
 
@@ -45,7 +44,7 @@ def apply_recipe(recipe: Recipe, device: str, directory: Path, sel: SelectConf |
     its drift and size with the recipe's recorded metrics, within sel.drift_tol and sel.size_tol.
     """
     from qsweep.models import build_model
-    from qsweep.runner import quantizable_layers, quantize
+    from qsweep.schemes import quantizable_layers, quantize
 
     dtype = getattr(torch, recipe.dtype)
     bundle = build_model(recipe.model["builder"], recipe.eval["seed"])
@@ -114,19 +113,18 @@ def load_checkpoint(path: Path, device: str = "cpu") -> dict:
 
 def remeasure(recipe: Recipe, bundle, device: str) -> dict[str, float]:
     """Drift and task metrics of a model vs a freshly built baseline, with the recipe's eval settings."""
+    from qsweep.accuracy import accuracy_metrics
     from qsweep.models import build_model
-    from qsweep.runner import TrialSpec, accuracy_metrics
 
+    dtype = getattr(torch, recipe.dtype)
+    settings = dict(device=device, dtype=dtype, samples=recipe.eval["n_samples"],
+                    batch_size=recipe.eval["batch_size"], seed=recipe.eval["seed"])
     with tempfile.TemporaryDirectory() as tmp:
-        spec = TrialSpec(model_builder=recipe.model["builder"], quant=None, device=device, dtype=recipe.dtype,
-                         batch_size=recipe.eval["batch_size"], eval_samples=recipe.eval["n_samples"],
-                         eval_batch_size=recipe.eval["batch_size"], seed=recipe.eval["seed"],
-                         reference_path=str(Path(tmp) / "reference.pt"), is_baseline=True)
+        reference = Path(tmp) / "reference.pt"
         base = build_model(recipe.model["builder"], recipe.eval["seed"])
-        base.model = base.model.to(getattr(torch, recipe.dtype)).to(device)
-        accuracy_metrics(spec, base, base.model)
-        spec.is_baseline = False
-        return accuracy_metrics(spec, bundle, bundle.model)
+        base.model = base.model.to(dtype).to(device)
+        accuracy_metrics(base.model, base, reference_path=reference, is_baseline=True, **settings)
+        return accuracy_metrics(bundle.model, bundle, reference_path=reference, is_baseline=False, **settings)
 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module, inputs, device: str, dtype) -> float:
@@ -192,7 +190,7 @@ def apply_command(args: list[str]) -> int:
     Exit code 0 when verified; 1 when verification fails (the earlier checkpoint, if any, is kept and the
     rejected one is left in checkpoints/<name>.failed/ for inspection).
     """
-    from qsweep.tracking import Tracker
+    from qsweep.tracking import FAILED, MODEL_TAG, OK, ROLE_APPLY, ROLE_TAG, Tracker
 
     root, _ = load_config(select_overrides(args))
     if not root.select.recipe:
@@ -225,10 +223,10 @@ def apply_command(args: list[str]) -> int:
         shutil.rmtree(staging, ignore_errors=True)
     applied.checkpoint = target / applied.checkpoint.name
     tracker = Tracker(mlflow_uri(root), recipe.source.get("experiment") or root.tracking.experiment)
-    tracker.record(f"apply-{recipe.name}", "ok" if ok else "failed",
+    tracker.record(f"apply-{recipe.name}", OK if ok else FAILED,
                    "" if ok else f"verification failed: {_failed_checks(applied.verification)}",
                    _apply_params(recipe, applied, device), applied.metrics,
-                   {ROLE_TAG: "apply", "model": recipe.model["name"], "verified": str(ok).lower()},
+                   {ROLE_TAG: ROLE_APPLY, MODEL_TAG: recipe.model["name"], "verified": str(ok).lower()},
                    {"recipe.yaml": recipe_text, "verification.json": json.dumps(applied.verification, indent=1)})
     print(describe_verification(applied))
     if not ok:

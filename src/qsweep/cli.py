@@ -7,6 +7,9 @@ after hours of trials (or, worse, after the trials with nothing recorded).
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,7 @@ from qsweep.config import (
     CONF_DIR,
     GROUPS,
     ConfigError,
+    RootConf,
     check_outputs,
     check_tracking_uri,
     check_writable,
@@ -96,12 +100,17 @@ COMMAND_HELP: dict[str, tuple[str, str, tuple[str, tuple[str, ...] | None] | Non
                ("select", ("experiment", "drift_metric", "max_drift", "relative", "objective", "model", "device",
                            "dtype")),
                ["qsweep report experiment=digits_mlp", "qsweep report experiment=toy output_dir=/data/qsweep"]),
-    "ui": ("qsweep ui [output_dir=DIR] [tracking.uri=URI] [--port N | port=N] [--host H | host=H]",
+    "ui": ("qsweep ui [output_dir=DIR] [tracking.uri=URI] [--port N | port=N] [--host H | host=H] [--no-browser]",
            "The MLflow dashboard (`mlflow ui`) on the store that `qsweep run` with the same keys writes to.\n"
+           "Prints, for each recent experiment, links to its runs sorted by select.objective with speedup, size\n"
+           "ratio and drift as columns, to the same as charts, to the best runs side by side and to the last\n"
+           "sweep's parent run; opens the first in a browser where there is a graphical one.\n"
            "  --port N, port=N     port to listen on (default 5000)\n"
-           "  --host H, host=H     interface to bind (default 127.0.0.1; 0.0.0.0 to reach it from other hosts)",
-           None,
-           ["qsweep ui", "qsweep ui --port 5001", "qsweep ui output_dir=/data/qsweep port=8080 host=0.0.0.0"]),
+           "  --host H, host=H     interface to bind (default 127.0.0.1; 0.0.0.0 to reach it from other hosts)\n"
+           "  --no-browser         only print the links",
+           ("select", ("objective", "drift_metric")),
+           ["qsweep ui", "qsweep ui --port 5001 select.objective=size_ratio",
+            "qsweep ui output_dir=/data/qsweep port=8080 host=0.0.0.0 --no-browser"]),
 }
 
 
@@ -271,6 +280,10 @@ def check_grid(overrides: list[str], multirun: bool) -> list[list[str]]:
         params = compose_config(head, hydra_config=True).hydra.sweeper.params or {}
         grid = expand_grid(overrides, dict(params)) if multirun else [overrides]
         roots = [to_root(compose_config(point)) for point in grid]
+    from qsweep.schemes import skip_reason
+
+    for root in roots:  # builds each torchao config: a bad enum member is one line now, not in the first job
+        skip_reason(root.scheme, root.granularity, root.group_size)
     for output_dir in {root.output_dir for root in roots}:
         check_outputs(next(r for r in roots if r.output_dir == output_dir))
     return grid
@@ -311,16 +324,95 @@ def _run_job(cfg: DictConfig) -> None:
 
 
 def ui_command(args: list[str]) -> int:
-    """`mlflow ui` on the store a run with the same overrides would write to (see COMMAND_HELP["ui"])."""
-    port, host, uri = ui_options(args)
-    print(f"MLflow UI on http://{host}:{port}  (store: {uri})", flush=True)
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--port", str(port), "--host", host])
+    """`mlflow ui` on the store a run with the same overrides would write to (see COMMAND_HELP["ui"]):
+    prints the links to each recent experiment's runs (sorted by select.objective, qsweep's columns
+    visible), charts, the best runs side by side and the last sweep, and opens the first in a browser."""
+    from qsweep.dashboard import dashboard_links
+
+    port, host, uri, root, browser = _ui_settings(args)
+    if not _port_free(host, port):
+        raise ConfigError(f"ui: {host}:{port} is in use (another `qsweep ui`?); choose another, e.g. --port "
+                          f"{port % 65535 + 1}")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a bind-all server, reached locally
+    base = f"http://{shown}:{port}"
+    print(f"MLflow UI on {base}  (store: {uri})", flush=True)
+    try:
+        links = dashboard_links(uri, base, root.select.objective, root.select.drift_metric)
+    except Exception as err:  # the server is still worth starting: MLflow's own pages work
+        print(f"qsweep: no dashboard links: {type(err).__name__}: {first_line(err)[:300]}", flush=True)
+        links = []
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(port), "--host", host,
+               "--workers", "1"]  # one reader of a local store; each worker is a process importing mlflow
+    if host not in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::"):
+        # MLflow answers only localhost by default: name this address, and let its pages write (select runs).
+        command += ["--allowed-hosts", f"{shown}:{port},{shown}", "--cors-allowed-origins", base]
+    # MLflow's job runner (GenAI judges, trace roll-ups) is a dozen processes polling the store that the
+    # sweeps write to; qsweep's pages need none of it.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    server = subprocess.Popen(command, start_new_session=True, env=env)
+    # A plain kill of `qsweep ui` ends the server too (the finally below), as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        if not _wait_for_server(f"{base}/health", server):
+            return server.wait() or 1
+        for experiment in links:
+            print("\n".join(experiment.lines()), flush=True)
+        if not links:
+            print("no runs in this store yet: `qsweep run -m +sweep=quickstart` records some", flush=True)
+        if links and browser and _has_browser():
+            import webbrowser
+
+            webbrowser.open(links[0].runs)
+        print("Ctrl-C stops the server.", flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)  # the server's own group: mlflow ui starts worker children
+            server.wait(30)
+
+
+def _wait_for_server(url: str, server: subprocess.Popen, wait_s: float = 120) -> bool:
+    """True once the server answers `url`; False if it exits first or takes longer than wait_s."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + wait_s
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def _has_browser() -> bool:
+    """A graphical browser can open here (a console one would take over the terminal the server logs to)."""
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether the server can listen there (otherwise another server would answer qsweep's links)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, port))
+    except OSError as err:
+        return err.errno != errno.EADDRINUSE  # another error (a name this check cannot bind): mlflow will say
+    return True
 
 
 def ui_options(args: list[str]) -> tuple[int, str, str]:
     """Port, host and tracking URI of `qsweep ui`: `--port N`, `--port=N` or `port=N` (same for host)."""
-    flags, overrides = split_flags("ui", args, ("--port", "--host", *CONFIG_DIR_FLAGS))
+    return _ui_settings(args)[:3]
+
+
+def _ui_settings(args: list[str]) -> tuple[int, str, str, RootConf, bool]:
+    """ui_options, the composed config (select.objective orders the links) and whether to open a browser."""
+    flags, overrides = split_flags("ui", args, ("--port", "--host", *CONFIG_DIR_FLAGS), ("--no-browser",))
     for key in ("port", "host"):
         flags.setdefault(f"--{key}", []).extend(o.partition("=")[2] for o in overrides if o.startswith(f"{key}="))
     overrides = [o for o in overrides if not o.startswith(("port=", "host="))]
@@ -331,9 +423,10 @@ def ui_options(args: list[str]) -> tuple[int, str, str]:
     if not host:
         raise ConfigError("ui: host is empty; e.g. --host 127.0.0.1 or --host 0.0.0.0")
     overrides = with_config_dirs(overrides, [d for f in CONFIG_DIR_FLAGS for d in flags.get(f, [])])
-    uri = mlflow_uri(load_config(overrides)[0])
+    root = load_config(overrides)[0]
+    uri = mlflow_uri(root)
     check_tracking_uri(uri, write=False)
-    return int(text), host, uri
+    return int(text), host, uri, root, "--no-browser" not in flags
 
 
 if __name__ == "__main__":

@@ -454,12 +454,15 @@ def _explain(err: Exception, overrides: list[str]) -> str:
         node = OmegaConf.select(base, parent) if parent else base
         valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
         return f"unknown key {name!r}; valid keys{' under ' + parent if parent else ''}: {valid}"
-    cause = err.__cause__
+    # A bad value on the command line is the cause; one in a YAML file (`In 'bench/mine': ...`) the context.
+    cause = err.__cause__ or (err.__context__ if isinstance(err.__context__, ValidationError) else None)
     kind = _choice_type(cause) if isinstance(cause, ValidationError) else None
     if kind is not None:  # OmegaConf checked an Enum field: name the key and its members in qsweep's words
-        return invalid(str(cause.full_key), cause.value, [m.value for m in kind])
-    if cause is not None:  # a bad value: Hydra's own line only names the override
-        return f"{first_line(err)}: {first_line(cause)}"
+        source = re.match(r"In '([^']+)'", text)
+        return (f"{source.group(1)}.yaml: " if source else "") + invalid(
+            str(cause.full_key), cause.value, [m.value for m in kind])
+    if cause is not None:  # a bad value: Hydra's own line only names the override or the file
+        return f"{first_line(err).rstrip(':')}: {first_line(cause)}"
     return first_line(err)
 
 

@@ -32,10 +32,39 @@ class LatencyStats:
 
 
 def summarize(samples_ms: list[float], mode: str) -> LatencyStats:
+    """Statistics of latency samples in ms: median, 10th/90th percentiles (inclusive) and CV (pstdev / mean)."""
     qs = statistics.quantiles(samples_ms, n=10, method="inclusive")
     mean = statistics.fmean(samples_ms)
     cv = statistics.pstdev(samples_ms) / mean if mean > 0 else 0.0
     return LatencyStats(statistics.median(samples_ms), qs[0], qs[-1], cv, mode, samples_ms)
+
+
+# torch.compile modes that capture their own CUDA graphs: time them as they are, without another graph.
+GRAPHED_MODES = ("reduce-overhead", "max-autotune")
+
+
+def forward_call(model: torch.nn.Module, inputs: list[torch.Tensor], compile_mode: str | None = None,
+                 ) -> Callable[[], Any]:
+    """model(*inputs) under inference_mode, compiled with `compile_mode` (None: as given). The first
+    call compiles."""
+    runnable = torch.compile(model, mode=compile_mode) if compile_mode else model
+
+    def call():
+        with torch.inference_mode():
+            return runnable(*inputs)
+
+    return call
+
+
+def to_device(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Move an input; only floating-point tensors take the model's dtype (token ids stay integers)."""
+    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a host clock times it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, timing: str,

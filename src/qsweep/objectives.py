@@ -81,30 +81,33 @@ def as_cost(metric: str) -> tuple[str, Callable[[Any], Any]]:
 
 @dataclass(frozen=True)
 class SearchObjective:
-    """How the per-layer search scores recipes for one `search.objective`.
+    """How the per-layer search scores recipes for one `search.objective`. The search maximizes, so `value`
+    and `measured` must be higher-is-better metrics of the schema.
 
     Attributes:
-        value: the metric a trial is ranked by (predicted by the cost model, or measured on the model copy);
-            its direction comes from the schema.
+        value: the metric a trial is ranked by (predicted by the cost model, or measured on the model copy).
         layer_cost: what the cost model saves per quantized layer, `ms` or `bytes` (greedy seeds).
         measured: the metric that confirmation measures end to end for the verdict.
-        paired: `measured` timed in turn with the baseline in one process (with its noise), or None for a
-            metric without timing noise.
+        measured_by: how `measured` is measured, as the verdict reports it.
+        paired: `measured` timed in turn with the baseline in one process (its spread is the noise), or
+            None for a metric without timing noise.
     """
 
     value: str
     layer_cost: str
     measured: str
+    measured_by: str
     paired: str | None = None
 
-    @property
-    def higher_is_better(self) -> bool:
-        return higher_is_better(self.value)
+    def __post_init__(self) -> None:
+        for name in (self.value, self.measured):
+            if not higher_is_better(name):
+                raise ValueError(f"search objectives are maximized; {name!r} is lower-is-better in the schema")
 
 
 SEARCH_OBJECTIVES: dict[str, SearchObjective] = {
-    "speedup": SearchObjective("predicted_speedup", "ms", "speedup", paired="paired_speedup"),
-    "size": SearchObjective("size_ratio", "bytes", "size_ratio"),
+    "speedup": SearchObjective("predicted_speedup", "ms", "speedup", "isolated timing", paired="paired_speedup"),
+    "size": SearchObjective("size_ratio", "bytes", "size_ratio", "bytes on disk"),
 }
 
 

@@ -3,18 +3,14 @@
     qsweep report experiment=<name>   -> <output_dir>/reports/<name>/{points.csv,points.md,report.html,*.png}
 
 The same files are logged as artifacts of a run tagged qsweep.role=report in the experiment, so they
-show on its MLflow page. Selection columns (drift cost, feasible, Pareto) use the select.* settings.
+show on its MLflow page; at the end of a sweep they are logged to the sweep's parent run instead
+(qsweep.dashboard.SweepReview). Selection columns (drift cost, feasible, Pareto) use the select.* settings.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import matplotlib
@@ -26,22 +22,30 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from qsweep.config import ConfigError, SelectConf, load_config, mlflow_uri  # noqa: E402
+from qsweep.objectives import pareto_front  # noqa: E402
 from qsweep.recipe import safe_name  # noqa: E402
 from qsweep.select import (  # noqa: E402
-    ROLE_TAG,
     Selection,
     artifact_text,
     experiment_name,
     load_runs,
-    pareto_front,
     select,
     select_overrides,
+)
+from qsweep.tracking import (  # noqa: E402
+    OK,
+    REPORT_FILE,
+    ROLE_REPORT,
+    ROLE_SWEEP,
+    ROLE_TAG,
+    SENSITIVITY_FILE,
+    Tracker,
+    open_client,
 )
 
 COLUMNS = ["model", "run", "kind", "status", "scheme", "granularity", "group_size", "compile", "speedup", "size_ratio",
            "size_bytes", "peak_mem_bytes", "latency_ms", "accuracy_drop", "drift_sqnr_db", "drift_cosine",
            "drift_kl", "cost", "feasible", "pareto", "selected", "reason", "run_id"]
-SENSITIVITY_FILE = "sensitivity.csv"  # search parent artifact: rows = layer FQN, columns = scheme, values = drift
 KIND_STYLE = {"grid": dict(marker="o", color="tab:blue"), "search": dict(marker="^", color="tab:green", alpha=0.6)}
 
 
@@ -55,7 +59,7 @@ def report_table(frame: pd.DataFrame, selection: Selection | None) -> pd.DataFra
         if column not in table:
             table[column] = np.nan
     table.loc[table["granularity"] != "per_group", "group_size"] = np.nan  # unused by these points
-    order = table["status"].ne("ok").astype(int)
+    order = table["status"].ne(OK).astype(int)
     table = table.assign(_order=order).sort_values(["_order", "speedup"], ascending=[True, False])
     return table[COLUMNS].reset_index(drop=True)
 
@@ -77,7 +81,7 @@ def write_tables(table: pd.DataFrame, directory: Path) -> list[Path]:
 def plot_pareto(table: pd.DataFrame, cost_label: str, sel: SelectConf, path: Path) -> Path:
     """Speedup vs drift and size ratio vs drift; the 2-D front of each panel drawn as a line, the
     4-D Pareto set ringed, the pick starred, the infeasible drift region shaded."""
-    points = table[table["status"].eq("ok") & table["kind"].isin(["grid", "search"]) & table["cost"].notna()]
+    points = table[table["status"].eq(OK) & table["kind"].isin(["grid", "search"]) & table["cost"].notna()]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     for ax, metric in zip(axes, ("speedup", "size_ratio")):
         _pareto_panel(ax, points, metric, cost_label, sel)
@@ -117,7 +121,7 @@ def _pareto_panel(ax, points: pd.DataFrame, metric: str, cost_label: str, sel: S
 
 def plot_schemes(table: pd.DataFrame, cost_label: str, path: Path) -> Path:
     """Per scheme: best speedup, best size ratio and lowest drift cost among its measured points."""
-    points = table[table["status"].eq("ok") & table["kind"].isin(["grid", "search"])].copy()
+    points = table[table["status"].eq(OK) & table["kind"].isin(["grid", "search"])].copy()
     points["group"] = np.where(points["kind"] == "search", "per-layer search", points["scheme"].astype(str))
     best = points.groupby("group").agg(speedup=("speedup", "max"), size_ratio=("size_ratio", "max"),
                                        cost=("cost", "min")).sort_values("speedup")
@@ -154,7 +158,7 @@ def plot_sensitivity(sensitivity: pd.DataFrame, path: Path, title: str) -> Path:
 
 def find_sensitivity(client, frame: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
     """The newest sensitivity table logged by a search (parent runs), with the run's name; None if none."""
-    searches = frame[(frame["kind"] == "parent") | (frame["role"] == "search")]
+    searches = frame[(frame["kind"] == "parent") & (frame["role"] != ROLE_SWEEP)]
     for row in searches.sort_values("start_time", ascending=False).itertuples():
         text = artifact_text(client, row.run_id, SENSITIVITY_FILE)
         if text is not None:
@@ -166,7 +170,7 @@ def sensitivity_matrix(table: pd.DataFrame) -> pd.DataFrame:
     """Layers x candidates drift matrix from a sensitivity table: long form (group, candidate, drift[, status])
     as `qsweep search` writes it, or already wide (first column = layer)."""
     if {"group", "candidate", "drift"} <= set(table.columns):
-        ok = table[table["status"] == "ok"] if "status" in table else table
+        ok = table[table["status"] == OK] if "status" in table else table
         return ok.pivot_table(index="group", columns="candidate", values="drift", aggfunc="first",
                               sort=False).rename_axis(index=None, columns=None)
     wide = table.set_index(table.columns[0])
@@ -185,12 +189,12 @@ def write_html(table: pd.DataFrame, images: list[Path], path: Path, title: str) 
     return path
 
 
-def build_report(uri: str, experiment: str, sel: SelectConf, directory: Path) -> tuple[list[Path], pd.DataFrame]:
-    """Write the table and plots for one experiment; returns (files, table)."""
-    import mlflow
-
+def build_report(uri: str, experiment: str, sel: SelectConf, directory: Path,
+                 quiet: bool = False) -> tuple[list[Path], pd.DataFrame]:
+    """Write the table and plots for one experiment; returns (files, table). Prints why there is no
+    selection (nothing measured yet), unless quiet."""
     frame = load_runs(uri, experiment)
-    selection = _try_select(frame, sel)
+    selection = _try_select(frame, sel, quiet)
     cost_label = selection.cost_label if selection else "drift"
     table = report_table(frame, selection)
     directory.mkdir(parents=True, exist_ok=True)
@@ -199,33 +203,29 @@ def build_report(uri: str, experiment: str, sel: SelectConf, directory: Path) ->
     if selection is not None:
         images += [plot_pareto(table, cost_label, sel, directory / "pareto.png"),
                    plot_schemes(table, cost_label, directory / "schemes.png")]
-    found = find_sensitivity(mlflow.MlflowClient(tracking_uri=uri), frame)
+    found = find_sensitivity(open_client(uri), frame)
     if found is not None:
         images.append(plot_sensitivity(found[0], directory / "sensitivity.png", f"per-layer sensitivity ({found[1]})"))
     files += images
-    files.append(write_html(table, images, directory / "report.html", f"qsweep report: {experiment}"))
+    files.append(write_html(table, images, directory / REPORT_FILE, f"qsweep report: {experiment}"))
     return files, table
 
 
-def _try_select(frame: pd.DataFrame, sel: SelectConf) -> Selection | None:
+def _try_select(frame: pd.DataFrame, sel: SelectConf, quiet: bool = False) -> Selection | None:
     try:
         return select(frame, sel)
     except ConfigError as err:  # e.g. nothing measured yet: the table still explains why
-        print(f"note: no selection columns or trade-off plots: {err}")
+        if not quiet:
+            print(f"note: no selection columns or trade-off plots: {err}")
         return None
 
 
 def log_report(uri: str, experiment: str, files: list[Path], sel: SelectConf, points: int) -> str:
     """A run tagged qsweep.role=report holding the files as artifacts; returns its id."""
-    from qsweep.tracking import Tracker
-
     tracker = Tracker(uri, experiment)
     params = {"experiment": experiment, "points": points, "drift_metric": sel.drift_metric,
               "max_drift": sel.max_drift, "objective": sel.objective}
-    run_id = tracker.record("report", "ok", "", params, {}, {ROLE_TAG: "report"})
-    for path in files:
-        tracker.client.log_artifact(run_id, str(path))
-    return run_id
+    return tracker.record(ROLE_REPORT, OK, "", params, {}, {ROLE_TAG: ROLE_REPORT}, files=files)
 
 
 def report_command(args: list[str]) -> int:
@@ -235,93 +235,8 @@ def report_command(args: list[str]) -> int:
     directory = Path(root.output_dir) / "reports" / safe_name(experiment)
     files, table = build_report(uri, experiment, root.select, directory)
     run_id = log_report(uri, experiment, files, root.select, len(table))
-    print(f"{len(table)} points ({int(table['status'].eq('ok').sum())} ok) -> {directory}")
+    print(f"{len(table)} points ({int(table['status'].eq(OK).sum())} ok) -> {directory}")
     for path in files:
         print(f"  {path.name}")
-    print(f"logged as MLflow run {run_id} (qsweep.role=report) in experiment {experiment}")
+    print(f"logged as MLflow run {run_id} ({ROLE_TAG}={ROLE_REPORT}) in experiment {experiment}")
     return 0
-
-
-def screenshot_ui(uri: str, experiment: str, directory: Path, wait_s: float = 90) -> list[Path]:
-    """Start `mlflow ui` on the store and take two headless-Chromium screenshots of the experiment:
-    mlflow_experiment.png (its runs with one chart per metric) and mlflow_compare.png (the measured
-    grid side by side: params and metrics). Needs the `chromium` binary (Debian package).
-    """
-    import shutil
-    import socket
-    import sys
-    import urllib.parse
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        raise FileNotFoundError("chromium not found; apt-get install chromium")
-    frame = load_runs(uri, experiment)
-    points = frame[frame["status"].eq("ok") & frame["kind"].isin(["grid", "search"])]
-    experiment_id = mlflow_experiment_id(uri, experiment)
-    # MLflow opens an AI-assistant panel over a third of the page when the host is "localhost"/127.0.0.1;
-    # another loopback address (Linux routes all of 127/8) keeps the page as users see it after closing it.
-    host = "127.0.0.2"
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port = sock.getsockname()[1]
-    base = f"http://{host}:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
-                               "--port", str(port), "--workers", "1", "--allowed-hosts", f"{host}:{port},{host}",
-                               "--cors-allowed-origins", base], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    runs = urllib.parse.quote(json.dumps(list(points["run_id"][:10])))
-    # The measured quantized points (not skipped ones, not report/apply runs), fastest first, as metric charts.
-    query = urllib.parse.urlencode({"searchFilter": "tags.status = 'ok' and params.scheme != 'none'",
-                                    "orderByKey": "metrics.`speedup`", "orderByAsc": "false",
-                                    "compareRunsMode": "CHART"}, quote_via=urllib.parse.quote)
-    pages = {"mlflow_experiment.png": (f"#/experiments/{experiment_id}/runs?{query}", 1000),
-             "mlflow_compare.png": (f"#/compare-runs?runs={runs}&experiments=%5B%22{experiment_id}%22%5D", 2400)}
-    try:
-        _wait_for(f"{base}/health", wait_s, server)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, (page, height) in pages.items():
-            with tempfile.TemporaryDirectory() as profile:
-                subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                                "--disable-sync", f"--user-data-dir={profile}", f"--window-size=1600,{height}",
-                                "--force-device-scale-factor=0.7", "--virtual-time-budget=40000",
-                                f"--screenshot={directory / name}", f"{base}/{page}"],
-                               check=True, timeout=180, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    finally:
-        os.killpg(server.pid, 15)  # the server's own process group: mlflow ui starts worker children
-        server.wait(30)
-    return [directory / name for name in pages]
-
-
-def mlflow_experiment_id(uri: str, experiment: str) -> str:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment).experiment_id
-
-
-def _wait_for(url: str, wait_s: float, server: subprocess.Popen) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"mlflow ui did not answer on {url}") from None
-            time.sleep(0.5)
-
-
-def screenshot_main(argv: list[str] | None = None) -> int:
-    """python -m qsweep.report <mlflow uri> <experiment> <directory>: the two UI screenshots."""
-    import sys
-
-    uri, experiment, directory = (argv if argv is not None else sys.argv[1:])[:3]
-    for path in screenshot_ui(uri, experiment, Path(directory)):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(screenshot_main())

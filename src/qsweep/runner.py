@@ -1,5 +1,8 @@
 """One trial: build a fresh model, quantize it, measure it, compare it with the baseline's outputs.
 
+The work itself is done by `schemes` (quantize), `accuracy` (drift against the baseline) and `measure`
+(latency, memory, size); this module orders it into one trial and isolates the trial.
+
 `run_isolated` runs a trial in its own child process with a timeout: torchao and inductor change
 process-global state (inductor flags, matmul precision, compiled caches), so one trial must not
 shape another's numbers, and a crash or OOM must not take the sweep down. Children fork from a
@@ -15,14 +18,12 @@ import faulthandler
 import gc
 import multiprocessing as mp
 import os
-import re
 import signal
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,17 +32,11 @@ import torch
 from torch import nn
 
 from qsweep import measure
-from qsweep.accuracy import (
-    NonFiniteError,
-    accuracy_drop,
-    check_metrics,
-    check_outputs,
-    logits_drift,
-    output_drift,
-)
+from qsweep.accuracy import NonFiniteError, accuracy_metrics, check_metrics
 from qsweep.config import first_line
+from qsweep.measure import GRAPHED_MODES, forward_call, sync, to_device
 from qsweep.models import ModelBundle, build_model
-from qsweep.schemes import build
+from qsweep.schemes import is_per_layer, is_quantized, quantizable_layers, quantize
 
 
 @dataclass
@@ -121,16 +116,16 @@ def _measure(spec: TrialSpec) -> TrialResult:
     if spec.quant is not None:
         start = time.perf_counter()
         skipped = quantize(model, spec.quant, candidates)
-        _sync(spec.device)
+        sync(spec.device)
         metrics["quantize_s"] = time.perf_counter() - start
         if not is_per_layer(spec.quant):  # a per-layer recipe leaves layers alone on purpose
             left = {name: skipped.get(name, "not replaced by torchao")
-                    for name, m in candidates.items() if not _is_quantized(m)}
+                    for name, m in candidates.items() if not is_quantized(m)}
             if left:
                 info["unquantized_layers"] = left
                 reason = unquantized_reason(left, len(candidates))
-    metrics["layers_quantized"] = sum(_is_quantized(m) for m in candidates.values())
-    info["quantized_layers"] = [name for name, m in candidates.items() if _is_quantized(m)]
+    metrics["layers_quantized"] = sum(is_quantized(m) for m in candidates.values())
+    info["quantized_layers"] = [name for name, m in candidates.items() if is_quantized(m)]
     # Drop quantization temporaries so they do not count towards the trial's memory.
     gc.collect()
     if spec.device == "cuda":
@@ -141,45 +136,13 @@ def _measure(spec: TrialSpec) -> TrialResult:
 
     metrics["size_bytes"] = measure.model_size_bytes(model)
 
-    metrics.update(_accuracy(spec, bundle, model, dtype))
+    metrics.update(accuracy_metrics(model, bundle, device=spec.device, dtype=dtype, samples=spec.eval_samples,
+                                    batch_size=spec.eval_batch_size, seed=spec.seed,
+                                    reference_path=spec.reference_path, is_baseline=spec.is_baseline))
     check_metrics(metrics)  # before minutes of compile and timing
     metrics.update(_speed(spec, bundle, model, dtype, info))
     check_metrics(metrics)
     return TrialResult("ok", reason, metrics, info)
-
-
-def quantizable_layers(model: nn.Module, pattern: str | None) -> dict[str, nn.Linear]:
-    """Linear layers (by fully-qualified name) that the trial may quantize."""
-    regex = re.compile(pattern) if pattern else None
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (regex is None or regex.search(name))}
-
-
-def quantize(model: nn.Module, quant: dict, candidates: dict[str, nn.Linear]) -> dict[str, str]:
-    """Apply a torchao config spec in place. Per-layer recipes (FqnToConfig) name their own layers;
-    a uniform scheme goes to every candidate whose in_features the group size divides (torchao
-    rejects the others; skipping them matches what users expect and is counted).
-
-    Returns:
-        The candidates skipped on purpose, name -> why (empty for a per-layer recipe).
-    """
-    from torchao.quantization import quantize_
-
-    config = build(quant)
-    if is_per_layer(quant):
-        quantize_(model, config, filter_fn=None)
-        return {}
-    group = group_size_of(quant)
-    skipped = {name: f"in_features {m.in_features} not divisible by group_size {group}"
-               for name, m in candidates.items() if group and m.in_features % group}
-    chosen = {id(m) for name, m in candidates.items() if name not in skipped}
-    quantize_(model, config, filter_fn=lambda module, fqn: id(module) in chosen)
-    return skipped
-
-
-def is_per_layer(quant: dict) -> bool:
-    """A per-layer recipe (FqnToConfig) rather than one scheme for every candidate."""
-    return quant["_target_"].endswith("FqnToConfig")
 
 
 def unquantized_reason(left: dict[str, str], total: int, shown: int = 4) -> str:
@@ -187,94 +150,6 @@ def unquantized_reason(left: dict[str, str], total: int, shown: int = 4) -> str:
     names = [f"{name!r} ({why})" for name, why in list(left.items())[:shown]]
     more = f" and {len(left) - shown} more (trial_info.json: unquantized_layers)" if len(left) > shown else ""
     return f"{len(left)} of {total} layers left unquantized: {', '.join(names)}{more}"
-
-
-def group_size_of(spec: Any) -> int | None:
-    """The group size a torchao config spec uses (searched through nested granularities), or None."""
-    if isinstance(spec, dict):
-        if isinstance(spec.get("group_size"), int):
-            return spec["group_size"]
-        for value in spec.values():
-            found = group_size_of(value)
-            if found:
-                return found
-    return None
-
-
-def _is_quantized(layer: nn.Linear) -> bool:
-    return type(layer.weight.data) is not torch.Tensor
-
-
-def eval_outputs(model: nn.Module, bundle: ModelBundle, inputs: tuple[torch.Tensor, ...], device: str,
-                 dtype: torch.dtype, batch_size: int) -> torch.Tensor:
-    """The outputs drift is measured on (LMs: logits at a few positions, see ModelBundle.drift_outputs)."""
-    outs = []
-    with torch.inference_mode():
-        for start in range(0, inputs[0].shape[0], batch_size):
-            chunk = tuple(to_device(t[start:start + batch_size], device, dtype) for t in inputs)
-            out = bundle.drift_outputs(model, chunk) if bundle.drift_outputs else model(*chunk)
-            outs.append((out.logits if hasattr(out, "logits") else out).float().cpu())
-    return torch.cat(outs)
-
-
-def drift_metrics(reference: dict, outputs: torch.Tensor, task: dict[str, float],
-                  bundle: ModelBundle) -> dict[str, float]:
-    """Output drift and task-metric change against a baseline reference {"outputs", "task"}."""
-    metrics = output_drift(reference["outputs"], outputs)
-    if bundle.logits:
-        metrics.update(logits_drift(reference["outputs"], outputs))
-    if "task_metric" in task and "task_metric" in reference["task"]:
-        base, value = reference["task"]["task_metric"], task["task_metric"]
-        metrics.update(task, task_metric_delta=value - base,
-                       accuracy_drop=accuracy_drop(base, value, bundle.task_higher_is_better))
-        if base:  # no relative change from zero; a NaN here would fail the point for nothing
-            metrics["task_metric_delta_rel"] = (value - base) / base
-    return metrics
-
-
-def _accuracy(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype) -> dict[str, float]:
-    """Drift on the eval inputs (eager model: drift belongs to the quantization, not to compile).
-    NaN/Inf outputs or task metric raise NonFiniteError, before a baseline writes them as a reference."""
-    inputs = bundle.make_inputs(spec.eval_samples, spec.seed + 1)
-    outputs = eval_outputs(model, bundle, inputs, spec.device, dtype, spec.eval_batch_size)
-    check_outputs(outputs)
-    task = bundle.evaluate(model, spec.device, dtype) if bundle.evaluate else {}
-    check_metrics(task)
-    if spec.is_baseline:
-        # Atomic: a concurrent sweep (force=true) may read the reference while this one rewrites it.
-        partial = Path(f"{spec.reference_path}.{os.getpid()}.tmp")
-        torch.save({"outputs": outputs, "task": task}, partial)
-        os.replace(partial, spec.reference_path)
-        return dict(task)
-    reference = torch.load(spec.reference_path, weights_only=True)
-    try:  # a reference written before NaN baselines were failed: blame the baseline, not this trial
-        check_outputs(reference["outputs"])
-    except NonFiniteError as err:
-        raise NonFiniteError(f"baseline reference {spec.reference_path}: {err}") from None
-    return drift_metrics(reference, outputs, task, bundle)
-
-
-def accuracy_metrics(spec: TrialSpec, bundle: ModelBundle, model: nn.Module) -> dict[str, float]:
-    """Drift and task metrics of `model` against the baseline outputs at `spec.reference_path`, exactly
-    as a trial records them (a baseline spec writes the reference instead). Used to re-measure a
-    reloaded checkpoint. Raises NonFiniteError on NaN/Inf outputs or task metric."""
-    return _accuracy(spec, bundle, model, getattr(torch, spec.dtype))
-
-
-# torch.compile modes that capture their own CUDA graphs: time them as they are, without another graph.
-GRAPHED_MODES = ("reduce-overhead", "max-autotune")
-
-
-def forward_call(model: nn.Module, inputs: list[torch.Tensor], compile_mode: str | None = None) -> Callable[[], Any]:
-    """model(*inputs) under inference_mode, compiled with `compile_mode` (None: as given). The first
-    call compiles."""
-    runnable = torch.compile(model, mode=compile_mode) if compile_mode else model
-
-    def call():
-        with torch.inference_mode():
-            return runnable(*inputs)
-
-    return call
 
 
 def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict) -> dict[str, float]:
@@ -285,7 +160,7 @@ def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: 
     call = forward_call(runnable, inputs)
     start = time.perf_counter()
     call()  # the first call compiles (and autotunes); keep it out of the latency
-    _sync(spec.device)
+    sync(spec.device)
     compile_s = time.perf_counter() - start if spec.compile_mode else 0.0
 
     with measure.PeakMemory(spec.device) as peak:
@@ -321,16 +196,6 @@ def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: 
             to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed))
         metrics.update(bundle.extra_speed(runnable, prompt, timer, info))
     return metrics
-
-
-def to_device(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
-    """Move an input; only floating-point tensors take the model's dtype (token ids stay integers)."""
-    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------- isolation

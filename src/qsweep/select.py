@@ -16,7 +16,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,7 +23,8 @@ from omegaconf import OmegaConf
 
 from qsweep import schemes
 from qsweep.config import ConfigError, RootConf, SelectConf, load_config, mlflow_uri
-from qsweep.metrics import BY_NAME, METRICS
+from qsweep.metrics import METRICS
+from qsweep.objectives import COST, as_cost, pareto_dims, pareto_front, score, selection_objectives
 from qsweep.recipe import (
     LEGACY_QUANT_FILE,
     RECIPE_FILE,
@@ -35,22 +35,11 @@ from qsweep.recipe import (
     model_section,
     safe_name,
 )
-from qsweep.tracking import open_client
+from qsweep.tracking import CONTEXT_KEYS, load_runs, mark_selected, open_client
 
 # Exit code of `qsweep select` when no run meets the constraints (a best-effort recipe is still written).
 NO_FEASIBLE_EXIT = 3
-ROLE_TAG = "qsweep.role"
-NOT_POINTS = ("report", "apply")  # roles of runs that are not measurements of a config
-PARENT_ROLES = ("search-study",)  # a search's parent run: a summary, its trials are the points
-KEYS = ("model", "device", "dtype")  # runs are comparable only within one of each
-# Objective -> (column, higher is better); "cost" is the drift cost (lower is better).
-OBJECTIVES = {"speedup": ("speedup", True), "size_ratio": ("size_ratio", True),
-              "peak_mem_bytes": ("peak_mem_bytes", False), "drift": ("cost", False)}
-PARETO_DIMS = {"speedup": True, "size_ratio": True, "peak_mem_bytes": False, "cost": False}
-# Higher-is-better drift metrics become a cost (lower is better) this way.
-AS_COST = {"drift_cosine": ("1 - drift_cosine", lambda v: 1 - v),
-           "top1_agreement": ("1 - top1_agreement", lambda v: 1 - v),
-           "drift_sqnr_db": ("-drift_sqnr_db (dB)", lambda v: -v)}
+KEYS = CONTEXT_KEYS  # runs are comparable only within one model/device/dtype
 SHORTHANDS = {"experiment": "select.experiment", "recipe": "select.recipe", "name": "select.name"}
 
 
@@ -67,61 +56,6 @@ def select_overrides(args: list[str]) -> list[str]:
 
 def experiment_name(root: RootConf) -> str:
     return root.select.experiment or root.tracking.experiment
-
-
-def load_runs(uri: str, experiment: str) -> pd.DataFrame:
-    """Every run of an experiment as one row: ids, kind (baseline|grid|search|parent), tags, params, metrics.
-
-    Missing metrics are NaN, so callers can use any schema metric as a column. Search trials that do
-    not carry model/device/dtype params inherit them from their parent run.
-    """
-
-    client = open_client(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise ConfigError(f"no MLflow experiment {experiment!r} in {uri}; existing: {', '.join(names) or 'none'}")
-    rows = [_row(run) for run in _all_runs(client, found.experiment_id)]
-    frame = pd.DataFrame(rows, columns=_columns(rows))
-    if frame.empty:
-        return frame
-    frame = frame[~frame["role"].isin(NOT_POINTS)].reset_index(drop=True)
-    parents = set(frame["parent_run_id"].dropna())
-    frame.loc[frame["run_id"].isin(parents) | frame["role"].isin(PARENT_ROLES), "kind"] = "parent"
-    by_id = frame.set_index("run_id")
-    for key in KEYS:  # a search trial may record only what it varies
-        missing = frame[key].isna() & frame["parent_run_id"].isin(by_id.index)
-        frame.loc[missing, key] = frame.loc[missing, "parent_run_id"].map(by_id[key])
-    return frame
-
-
-def _all_runs(client, experiment_id: str) -> list[Any]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _row(run: Any) -> dict[str, Any]:
-    tags = run.data.tags
-    role = tags.get(ROLE_TAG)
-    parent = tags.get("mlflow.parentRunId")
-    kind = "baseline" if role == "baseline" else "search" if parent else "grid"
-    return {"run_id": run.info.run_id, "run": tags.get("mlflow.runName", run.info.run_id), "kind": kind,
-            "status": tags.get("status", "?"), "reason": tags.get("reason", ""), "role": role,
-            "parent_run_id": parent, "selected": tags.get("selected") == "true",
-            "start_time": run.info.start_time, "model": tags.get("model"),
-            **run.data.params, **run.data.metrics}
-
-
-def _columns(rows: list[dict]) -> list[str]:
-    base = ["run_id", "run", "kind", "status", "reason", "role", "parent_run_id", "selected", "start_time", *KEYS]
-    extra = sorted({k for row in rows for k in row} - set(base) - set(BY_NAME))
-    return base + extra + [m.name for m in METRICS]
 
 
 # ---------------------------------------------------------------- selection
@@ -152,9 +86,9 @@ def drift_cost(frame: pd.DataFrame, metric: str, relative: bool) -> tuple[pd.Ser
     (0.01 = 1% of the baseline's accuracy); a relative one (perplexity increase) stays as it is.
     """
     values = frame[metric].astype(float)
-    if metric in AS_COST:
-        label, fn = AS_COST[metric]
-        return fn(values), label
+    label, to_cost = as_cost(metric)  # a higher-is-better metric becomes a cost: 1 - drift_cosine
+    if label != metric:
+        return to_cost(values), label
     if not relative:
         return values, metric
     if metric != "accuracy_drop":
@@ -210,30 +144,12 @@ def _limits(sel: SelectConf) -> list[tuple[str, float, bool]]:
     return limits
 
 
-def pareto_front(rows: pd.DataFrame, dims: dict[str, bool] | None = None) -> pd.Series:
-    """True for rows no other row dominates (at least as good in every dim, better in one).
-
-    dims: column -> higher is better. A missing value counts as the worst.
-    """
-    dims = dims or PARETO_DIMS
-    scores = np.column_stack([_as_score(rows[c], up) for c, up in dims.items()]) if len(rows) else np.empty((0, 0))
-    front = []
-    for i in range(len(scores)):
-        dominated = np.any(np.all(scores >= scores[i], axis=1) & np.any(scores > scores[i], axis=1))
-        front.append(not dominated)
-    return pd.Series(front, index=rows.index, dtype=bool)
-
-
-def _as_score(column: pd.Series, higher_is_better: bool) -> np.ndarray:
-    values = column.astype(float).to_numpy()
-    values = values if higher_is_better else -values
-    return np.nan_to_num(values, nan=-np.inf)
-
-
 def rank(rows: pd.DataFrame, objective: str) -> pd.DataFrame:
-    """Rows best first: the objective, then drift cost, speedup, size ratio and memory as tie-breaks."""
-    order = [OBJECTIVES[objective]] + [(c, up) for c, up in PARETO_DIMS.items() if c != OBJECTIVES[objective][0]]
-    keys = pd.DataFrame({f"k{i}": -_as_score(rows[c], up) for i, (c, up) in enumerate(order)}, index=rows.index)
+    """Rows best first: the objective, then the drift cost and the other objectives (schema order) as
+    tie-breaks; each in its schema direction, a missing value last."""
+    first = selection_objectives()[objective]
+    order = [first, *((c, up) for c, up in {COST: False, **pareto_dims()}.items() if c != first[0])]
+    keys = pd.DataFrame({f"k{i}": -score(rows, c, up) for i, (c, up) in enumerate(order)}, index=rows.index)
     return rows.loc[keys.sort_values(list(keys.columns), kind="stable").index]
 
 
@@ -241,11 +157,12 @@ def select(frame: pd.DataFrame, sel: SelectConf) -> Selection:
     """Choose a run: the best feasible one by the objective, else the least infeasible (best effort)."""
     rows = candidates(frame, sel)
     metric = resolve_drift_metric(rows, sel)
-    rows["cost"], label = drift_cost(rows, metric, sel.relative)
+    rows[COST], label = drift_cost(rows, metric, sel.relative)
     # A NaN cost or an infinite metric is not a measurement (NaN/Inf outputs): never a candidate. A metric
     # the run does not have (NaN here) only ranks it last.
-    infinite = np.isinf(rows[[m.name for m in METRICS]].astype(float)).any(axis=1)
-    rows = rows[np.isfinite(rows["cost"].astype(float)) & ~infinite]
+    measured = [m.name for m in METRICS if m.name in rows]
+    infinite = np.isinf(rows[measured].astype(float)).any(axis=1)
+    rows = rows[np.isfinite(rows[COST].astype(float)) & ~infinite]
     if rows.empty:
         raise ConfigError(f"no measured run has a finite {metric}; choose another select.drift_metric")
     rows = apply_constraints(rows, sel)
@@ -340,16 +257,6 @@ def build_recipe(selection: Selection, sel: SelectConf, experiment: str, quant: 
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def mark_selected(client, experiment: str, run_id: str, recipe_path: Path) -> None:
-    """Tag the chosen run selected=true (clearing an earlier choice in the experiment)."""
-    found = client.get_experiment_by_name(experiment)
-    for old in client.search_runs([found.experiment_id], filter_string="tags.selected = 'true'"):
-        if old.info.run_id != run_id:
-            client.delete_tag(old.info.run_id, "selected")
-    client.set_tag(run_id, "selected", "true")
-    client.set_tag(run_id, "selected.recipe", str(recipe_path))
-
-
 # ---------------------------------------------------------------- commands
 
 def select_command(args: list[str]) -> int:
@@ -388,10 +295,10 @@ def describe_selection(selection: Selection, sel: SelectConf) -> str:
     limits = ", ".join(f"{selection.cost_label if c == 'cost' else c} {'<=' if up else '>='} {v:g}"
                        for c, v, up in _limits(sel))
     lines = [f"{len(table)} candidates, {int(table['feasible'].sum())} meet {limits}, "
-             f"{int(table['pareto'].sum())} on the Pareto front (speedup, size_ratio, peak_mem_bytes, drift)"]
+             f"{int(table['pareto'].sum())} on the Pareto front ({', '.join(selection_objectives())})"]
     front = rank(table[table["pareto"]], sel.objective)
-    shown = front[["run", "kind", "speedup", "size_ratio", "peak_mem_bytes", "cost", "feasible"]]
-    lines.append(shown.rename(columns={"cost": selection.cost_label}).to_string(index=False, float_format="{:.4g}".format))
+    shown = front[["run", "kind", *(c for c in pareto_dims() if c in front), "feasible"]]
+    lines.append(shown.rename(columns={COST: selection.cost_label}).to_string(index=False, float_format="{:.4g}".format))
     summary = (f"{run['run']} (run {run['run_id'][:8]}): speedup {run['speedup']:.3g}x, size_ratio "
                f"{run['size_ratio']:.3g}x, {selection.cost_label} {run['cost']:.4g}")
     if selection.feasible:

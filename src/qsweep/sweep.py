@@ -37,7 +37,30 @@ from qsweep.config import ConfigError, RootConf, first_line, mlflow_uri
 from qsweep.metrics import STATUSES
 from qsweep.recipe import RECIPE_FILE, Recipe, eval_section, measured_recipe, model_section, to_json
 from qsweep.runner import TrialResult, TrialSpec, run_isolated, run_trial
-from qsweep.tracking import PointRecord, RecordError, Tracker
+from qsweep.tracking import (
+    BASELINE_TAG,
+    CONFIG_FILE,
+    CONFIG_TAG,
+    FAILED,
+    MODEL_TAG,
+    NOISY_TAG,
+    NOTE_TAG,
+    OK,
+    POINT_TAG,
+    RESULTS_FILE,
+    ROLE_BASELINE,
+    ROLE_TAG,
+    SKIPPED,
+    STATUS_TAG,
+    TRACEBACK_FILE,
+    TRIAL_INFO_FILE,
+    UNSUPPORTED,
+    PointRecord,
+    RecordError,
+    Tracker,
+    now_ms,
+    writer_id,
+)
 
 # hydra.run.dir / hydra.sweep.dir end in the process id: two sweeps started in the same second get
 # their own folders (their own plan, records and results table).
@@ -46,6 +69,7 @@ if not OmegaConf.has_resolver("qsweep.pid"):
 
 RECORDS_FILE = "records.jsonl"
 PLAN_FILE = "plan.json"
+PARENTS_FILE = "parents.json"  # experiment -> {"uri", "run_id"} of this sweep's parent run there
 TRIAL_INFO_TAGS = ("timing_mode", "peak_mem_kind", "prefill_timing_mode", "decode_timing_mode", "kv_cache")
 TABLE_COLUMNS = ["model", "run", "status", "speedup", "latency_ms", "latency_cv", "size_ratio", "drift_sqnr_db",
                  "drift_cosine", "accuracy_drop", "layers_quantized", "layers_total", "peak_mem_bytes",
@@ -287,8 +311,8 @@ class Point:
                 if self.quant else "none", **versions()}
 
     def tags(self) -> dict[str, str]:
-        return {"qsweep.point": self.point_key, "qsweep.config": self.config_key,
-                "qsweep.baseline": self.baseline_key, "model": self.root.model.name}
+        return {POINT_TAG: self.point_key, CONFIG_TAG: self.config_key, BASELINE_TAG: self.baseline_key,
+                MODEL_TAG: self.root.model.name}
 
     def spec(self, quant: dict | None, reference_path: Path, is_baseline: bool) -> TrialSpec:
         r = self.root
@@ -308,18 +332,20 @@ def run_point(root: RootConf, resolved_yaml: str = "", progress: str = "") -> Po
     try:
         point = Point(root, resolved_yaml)
         tracker = Tracker(mlflow_uri(root), root.tracking.experiment)
+        tracker.parent = sweep_parent(tracker, root.tracking.experiment)
         record = _decide(point, tracker, progress)
     except ConfigError:  # a user mistake (a bad tracking.uri): one line from the CLI, not a failed point
         raise
     except Exception as err:
         reason = f"{type(err).__name__}: {first_line(err)[:500]}"
-        record = PointRecord(run_name(root), "failed", f"not recorded: {reason}", {"model": root.model.name}, {})
+        record = PointRecord(run_name(root), FAILED, f"not recorded: {reason}", {"model": root.model.name}, {})
+    record = dataclasses.replace(record, experiment=root.tracking.experiment)
     print(f"{progress}{record.run_name}: {_one_liner(record)}", flush=True)
     return record
 
 
 # Statuses that stand for a point until force=true; a failed point is tried again by the next sweep.
-FINAL_STATUSES = ("ok", "skipped", "unsupported")
+FINAL_STATUSES = (OK, SKIPPED, UNSUPPORTED)
 # An `ok` record without these metrics is not a measurement (half-written by an older qsweep): never reused.
 MEASURED = ("latency_ms", "size_bytes")
 # When this Hydra sweep started (ms since the epoch, MLflow's clock; set by SummaryCallback): a record
@@ -332,14 +358,15 @@ def reusable(run: Any, force: bool) -> bool:
     """Whether a stored run of a point can stand for measuring it now: complete (status set, not RUNNING,
     an `ok` one with its metrics), and final (ok/skipped/unsupported, unless force=true) or recorded
     since this sweep started."""
-    status = run.data.tags.get("status")
+    status = run.data.tags.get(STATUS_TAG)
     if status is None or run.info.status == "RUNNING":
         return False
-    needed = MEASURED + (("speedup", "size_ratio") if run.data.tags.get("qsweep.role") != "baseline"
+    needed = MEASURED + (("speedup", "size_ratio") if run.data.tags.get(ROLE_TAG) != ROLE_BASELINE
                          and run.data.params.get("scheme") != "none" else ())
-    if status == "ok" and not all(k in run.data.metrics for k in needed):
+    if status == OK and not all(k in run.data.metrics for k in needed):
         return False
-    fresh = run.info.start_time >= _SWEEP_STARTED_MS
+    # Recorded (ended) since this sweep started; a run starts when its trial did, which may be earlier.
+    fresh = (run.info.end_time or run.info.start_time) >= _SWEEP_STARTED_MS
     return fresh or (status in FINAL_STATUSES and not force)
 
 
@@ -376,26 +403,26 @@ def _decide(point: Point, tracker: Tracker, progress: str = "") -> PointRecord:
     # Two points with one torchao config (group size under per-row) are one measurement: one claim.
     key = point.point_key if point.skip else point.config_key
     with claim(root, key, f"{progress}{point.name}: waiting for another sweep measuring it"):
-        done = _done(point, tracker, **{"qsweep.point": point.point_key})
+        done = _done(point, tracker, **{POINT_TAG: point.point_key})
         if done:
             return done
         if point.skip:
-            return _record(point, tracker, "skipped", point.skip, {})
+            return _record(point, tracker, SKIPPED, point.skip, {})
         if not root.force:
-            same = _done(point, tracker, **{"qsweep.config": point.config_key, "status": "ok"})
+            same = _done(point, tracker, **{CONFIG_TAG: point.config_key, STATUS_TAG: OK})
             if same:
-                return _record(point, tracker, "skipped", f"same torchao config as {same.run_name}", {})
+                return _record(point, tracker, SKIPPED, f"same torchao config as {same.run_name}", {})
         why = schemes.unsupported_reason(root.scheme, point.hw, point.dtype, root.bench.batch_size)
         if why:
-            return _record(point, tracker, "unsupported", why, {})
+            return _record(point, tracker, UNSUPPORTED, why, {})
         baseline = ensure_baseline(point, tracker, progress)
-        if baseline.status != "ok":
-            return _record(point, tracker, "failed", f"baseline failed: {baseline.reason}", {})
-        result = _run(point, point.quant, _reference_path(point), is_baseline=False)
-        if result.status == "ok":
+        if baseline.status != OK:
+            return _record(point, tracker, FAILED, f"baseline failed: {baseline.reason}", {})
+        result, window = _run(point, point.quant, reference_path(point), is_baseline=False)
+        if result.status == OK:
             result.metrics.update(relative_to_baseline(result.metrics, baseline.metrics))
         return _record(point, tracker, result.status, result.reason, result.metrics, result,
-                       baseline_metrics=baseline.metrics)
+                       baseline_metrics=baseline.metrics, window=window)
 
 
 def relative_to_baseline(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
@@ -416,21 +443,21 @@ _SWEEP_BASELINES: dict[str, PointRecord] = {}
 def ensure_baseline(point: Point, tracker: Tracker, progress: str = "") -> PointRecord:
     """The unquantized baseline for this point's context: measured once (by one of the sweeps running
     at the time), reused across the grid."""
-    reference = _reference_path(point)
+    reference = reference_path(point)
     if str(reference) in _SWEEP_BASELINES:  # measured earlier in this sweep: the same run, reused
         return dataclasses.replace(_SWEEP_BASELINES[str(reference)], reused=True)
     baseline_point = Point(_as_baseline(point.root), point.resolved_yaml)
     with claim(point.root, point.baseline_key,
                f"{progress}{baseline_point.name}: waiting for another sweep measuring the baseline"):
-        found = _done(point, tracker, **{"qsweep.config": point.baseline_key, "qsweep.role": "baseline"})
-        if found and (found.status != "ok" or reference.exists()):
+        found = _done(point, tracker, **{CONFIG_TAG: point.baseline_key, ROLE_TAG: ROLE_BASELINE})
+        if found and (found.status != OK or reference.exists()):
             return found
         reference.parent.mkdir(parents=True, exist_ok=True)
-        result = _run(point, None, reference, is_baseline=True)
-        if result.status == "ok":
+        result, window = _run(point, None, reference, is_baseline=True)
+        if result.status == OK:
             result.metrics.update(speedup=1.0, size_ratio=1.0)
         record = _record(baseline_point, tracker, result.status, result.reason, result.metrics, result,
-                         extra_tags={"qsweep.role": "baseline"})
+                         extra_tags={ROLE_TAG: ROLE_BASELINE}, window=window)
     _SWEEP_BASELINES[str(reference)] = record
     return record
 
@@ -445,19 +472,23 @@ def _as_baseline(root: RootConf) -> RootConf:
     return base
 
 
-def _reference_path(point: Point) -> Path:
+def reference_path(point: Point) -> Path:
+    """The baseline outputs that a point's drift is measured against, one file per context (baseline key)."""
     return Path(point.root.output_dir) / "baselines" / f"{point.baseline_key}.pt"
 
 
-def _run(point: Point, quant: dict | None, reference: Path, is_baseline: bool) -> TrialResult:
+def _run(point: Point, quant: dict | None, reference: Path, is_baseline: bool) -> tuple[TrialResult, tuple[int, int]]:
+    """The trial's result (bench.processes measurements combined) and when it started and ended (ms since
+    the epoch, MLflow's clock): the point's run spans the trial, not the moment it was written."""
     spec = point.spec(quant, reference, is_baseline)
     results = []
+    started = now_ms()
     for _ in range(max(1, point.root.bench.processes)):
         result = run_isolated(spec, point.root.bench.timeout_s) if point.root.isolate else run_trial(spec)
-        if result.status != "ok":
-            return result
+        if result.status != OK:
+            return result, (started, now_ms())
         results.append(result)
-    return combine_measurements(results)
+    return combine_measurements(results), (started, now_ms())
 
 
 # Speed metrics that differ between independent measurements of one point; the rest (drift, size) do not.
@@ -485,24 +516,26 @@ def combine_measurements(results: list[TrialResult]) -> TrialResult:
 
 def _record(point: Point, tracker: Tracker, status: str, reason: str, metrics: dict[str, float],
             result: TrialResult | None = None, extra_tags: dict[str, str] | None = None,
-            baseline_metrics: dict[str, float] | None = None) -> PointRecord:
-    texts = {"config.yaml": point.resolved_yaml} if point.resolved_yaml else {}
+            baseline_metrics: dict[str, float] | None = None, window: tuple[int, int] | None = None) -> PointRecord:
+    texts = {CONFIG_FILE: point.resolved_yaml} if point.resolved_yaml else {}
     if point.quant is not None:  # what `qsweep select` exports and `qsweep apply` reads
         texts[RECIPE_FILE] = to_json(point.recipe(metrics))
     tags = {**point.tags(), **(extra_tags or {})}
     if result is not None:
-        texts["trial_info.json"] = json.dumps(result.info, indent=1, default=str)
+        texts[TRIAL_INFO_FILE] = json.dumps(result.info, indent=1, default=str)
         if result.traceback:
-            texts["traceback.txt"] = result.traceback
+            texts[TRACEBACK_FILE] = result.traceback
         # How it was measured, searchable in the MLflow UI (a CUDA-graph capture can fall back to e2e).
         tags.update({key: str(result.info[key]) for key in TRIAL_INFO_TAGS if key in result.info})
         noisy = noise_flag(metrics, baseline_metrics, point.root.bench.max_cv)
         if noisy:
-            tags["noisy"] = noisy
+            tags[NOISY_TAG] = noisy
     try:
-        run_id = tracker.record(point.name, status, reason, point.params(), metrics, tags, texts)
+        start_ms, end_ms = window or (None, None)
+        run_id = tracker.record(point.name, status, reason, point.params(), metrics, tags, texts,
+                                start_ms=start_ms, end_ms=end_ms)
     except RecordError as err:  # that point failed, not the sweep
-        return PointRecord(point.name, "failed", err.reason, point.params(), metrics, err.run_id)
+        return PointRecord(point.name, FAILED, err.reason, point.params(), metrics, err.run_id)
     return PointRecord(point.name, status, reason, point.params(), metrics, run_id)
 
 
@@ -557,17 +590,24 @@ def load_records(directory: Path) -> list[PointRecord]:
     return [PointRecord(**json.loads(line)) for line in path.read_text().splitlines() if line]
 
 
-def summarize(records: list[PointRecord], directory: Path) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Results table sorted by speedup (written to results.csv) and counts per status."""
+def summarize(records: list[PointRecord], directory: Path | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Results table sorted by speedup (written to `directory`/results.csv if given) and counts per status."""
     table = pd.DataFrame([r.row() for r in records])
-    for col in TABLE_COLUMNS:
+    for col in [*TABLE_COLUMNS, "run_id"]:
         if col not in table:
             table[col] = None
-    table = table[TABLE_COLUMNS].sort_values("speedup", ascending=False, na_position="last")
-    table.to_csv(directory / "results.csv", index=False)
+    # run_id last: the MLflow run of each row (the console table leaves it out)
+    table = table[[*TABLE_COLUMNS, "run_id"]].sort_values("speedup", ascending=False, na_position="last")
+    if directory is not None:
+        table.to_csv(directory / RESULTS_FILE, index=False)
     counts = {s: sum(r.status == s and not r.reused for r in records) for s in STATUSES}
     counts["reused"] = sum(r.reused for r in records)
     return table, counts
+
+
+def describe_counts(records: list[PointRecord], counts: dict[str, int]) -> str:
+    """`18 points: 8 ok, 0 failed, 9 skipped, 1 unsupported, 0 reused`."""
+    return f"{len(records)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items())
 
 
 def print_summary(records: list[PointRecord], directory: Path) -> dict[str, int]:
@@ -577,31 +617,45 @@ def print_summary(records: list[PointRecord], directory: Path) -> dict[str, int]
     # Partly quantized points show how many of their candidate layers torchao replaced, e.g. 1/3.
     shown["layers_quantized"] = [f"{q:.0f}/{t:.0f}" if pd.notna(q) and pd.notna(t) else None
                                  for q, t in zip(shown["layers_quantized"], shown["layers_total"])]
-    shown = shown.drop(columns=["layers_total", "activation_peak_bytes"])
+    shown = shown.drop(columns=["layers_total", "activation_peak_bytes", "run_id"])
     shown["reason"] = shown["reason"].fillna("").str.slice(0, 70)
     shown = shown.dropna(axis="columns", how="all")
     with pd.option_context("display.max_columns", None, "display.width", 220, "display.float_format",
                            "{:.3g}".format):
         print("\n" + shown.rename(columns={"peak_mem_bytes": "peak_mem", "layers_quantized": "layers"})
               .to_string(index=False))
-    print(f"\n{len(records)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    print(f"results table: {directory / 'results.csv'}")
+    print(f"\n{describe_counts(records, counts)}")
+    print(f"results table: {directory / RESULTS_FILE}")
     return counts
 
 
 class SummaryCallback(Callback):
-    """Hydra callback: writes the plan (number of points) before, and the results table after."""
+    """Hydra callback: writes the plan (number of points, grid) before, and the results table after; a
+    multirun's points nest under its parent run in each experiment, which gets the table and counts."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _SWEEP
         _start_sweep()
+        _SWEEP = None  # one point: no parent run
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _start_sweep()
-        grid = expand_grid(list(config.hydra.overrides.task), dict(config.hydra.sweeper.params or {}))
+        overrides = [f"{k}={v}" for k, v in (config.hydra.sweeper.params or {}).items()]
+        overrides += list(config.hydra.overrides.task)
+        grid = expand_grid(overrides)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PLAN_FILE).write_text(json.dumps({"total": len(grid)}))
+        plan = {"total": len(grid), "grid": " ".join(overrides), "key": grid_key(grid), "writer": writer_id()}
+        (sweep_dir / PLAN_FILE).write_text(json.dumps(plan))
+        _join_sweep(sweep_dir)
         print(f"qsweep: {len(grid)} grid points -> {sweep_dir}", flush=True)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        # A launcher with n_jobs > 1 runs the jobs in other processes: they join the sweep from its plan.
+        if config.hydra.mode == RunMode.MULTIRUN:
+            _join_sweep(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._finish(Path(config.hydra.sweep.dir))
@@ -611,12 +665,15 @@ class SummaryCallback(Callback):
 
     @staticmethod
     def _finish(directory: Path) -> None:
+        global _SWEEP
         _start_sweep(ended=True)  # outside a sweep, no record is "this sweep's" (one process, many sweeps)
+        _SWEEP = None
         records = load_records(directory)
         if not records:
             return
         print_summary(records, directory)
-        if any(r.status == "failed" for r in records):  # a failed point reused from a concurrent sweep too
+        finish_parents(directory, records)
+        if any(r.status == FAILED for r in records):  # a failed point reused from a concurrent sweep too
             sys.exit(1)
 
 
@@ -624,6 +681,94 @@ def _start_sweep(ended: bool = False) -> None:
     global _SWEEP_STARTED_MS
     _SWEEP_STARTED_MS = math.inf if ended else time.time() * 1000
     _SWEEP_BASELINES.clear()
+
+
+# ---------------------------------------------------------------- the sweep's parent runs
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+    """The multirun this process works for: its folder, its plan (grid and grid hash) and its main
+    process, which writes (and finishes) its parent runs."""
+
+    directory: Path
+    plan: dict[str, Any]
+
+
+# Set by SummaryCallback for the jobs of a multirun; None outside one (a single run, run_point called directly).
+_SWEEP: SweepRun | None = None
+
+
+def _join_sweep(directory: Path) -> None:
+    global _SWEEP
+    path = directory / PLAN_FILE
+    _SWEEP = SweepRun(directory, json.loads(path.read_text())) if path.exists() else None
+
+
+def grid_key(grid: list[list[str]]) -> str:
+    """What a resumed sweep is recognised by: its grid points (force= and hydra.* keys aside)."""
+    return _hash(sorted(sorted(o for o in point if not o.startswith(("force=", "hydra."))) for point in grid))
+
+
+def sweep_parent(tracker: Tracker, experiment: str) -> str | None:
+    """This multirun's parent run in the tracker's experiment, which its points nest under: created on
+    the sweep's first point there, or a resumed sweep's (same grid) found again; None outside a multirun."""
+    from filelock import FileLock
+
+    sweep = _SWEEP
+    if sweep is None:
+        return None
+    with FileLock(str(sweep.directory / f"{PARENTS_FILE}.lock")):
+        parents = sweep_parents(sweep.directory)
+        if experiment not in parents:
+            params = {"grid": sweep.plan["grid"], "points": sweep.plan["total"], "folder": str(sweep.directory)}
+            run_id = tracker.sweep_parent(sweep.plan["key"], f"sweep {sweep.directory.name}", params,
+                                          sweep.plan["writer"])
+            parents[experiment] = {"uri": tracker.uri, "run_id": run_id}
+            (sweep.directory / PARENTS_FILE).write_text(json.dumps(parents, indent=1))
+        return parents[experiment]["run_id"]
+
+
+def sweep_parents(directory: Path) -> dict[str, dict[str, str]]:
+    """The parent runs of the sweep in `directory`: experiment -> {"uri", "run_id"}."""
+    path = directory / PARENTS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def finish_parents(directory: Path, records: list[PointRecord]) -> None:
+    """End each parent run of the sweep with the sweep's results in its experiment: `results.csv`, the
+    counts per status (tags `points.<status>`, and as the reason), the table as its description, and
+    status `failed` when a point failed. A store that refuses is one line, not a traceback."""
+    for experiment, parent in sweep_parents(directory).items():
+        mine = [r for r in records if r.experiment == experiment]
+        table, counts = summarize(mine)
+        summary = describe_counts(mine, counts)
+        try:
+            tracker = Tracker(parent["uri"], experiment)
+            status = FAILED if any(r.status == FAILED for r in mine) else OK  # as the sweep's exit code
+            tracker.finish(parent["run_id"], status, summary, texts={RESULTS_FILE: table.to_csv(index=False)},
+                           tags={**{f"points.{s}": str(n) for s, n in counts.items()},
+                                 NOTE_TAG: _parent_note(table, summary)})
+        except Exception as err:
+            print(f"qsweep: the sweep's parent run in {experiment} was not written: "
+                  f"{type(err).__name__}: {first_line(err)[:300]}", flush=True)
+
+
+def _parent_note(table: pd.DataFrame, summary: str, limit: int = 7000) -> str:
+    """The parent run's description (markdown on its MLflow page): counts and the results table, as many
+    rows as MLflow's tag limit takes."""
+    columns = ["run", "status", "speedup", "size_ratio", "drift_sqnr_db", "accuracy_drop", "latency_ms", "reason"]
+    shown = table[columns].dropna(axis="columns", how="all").copy()
+    shown["reason"] = shown.get("reason", pd.Series(dtype=str)).fillna("").astype(str).str.slice(0, 60)
+    shown["reason"] = shown["reason"].str.replace("|", "\\|", regex=False)  # a table cell, not a column break
+    shown = shown.astype(object).where(shown.notna(), None)  # tabulate blanks None, not NaN
+    head = f"**{summary}**. Artifacts: `{RESULTS_FILE}` (every column), the report's plots and `report.html`.\n\n"
+    for rows in range(min(len(shown), 50), 0, -1):
+        text = head + shown.head(rows).to_markdown(index=False, floatfmt=".4g", missingval="")
+        if rows < len(shown):
+            text += f"\n\n({len(shown) - rows} more rows in `{RESULTS_FILE}`)"
+        if len(text) <= limit:
+            return text
+    return head
 
 
 def resolved_yaml(cfg: DictConfig) -> str:

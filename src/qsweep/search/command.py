@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pandas as pd
 import torch
 
 from qsweep.config import ConfigError, RootConf, first_line, load_config, mlflow_uri
+from qsweep.objectives import SEARCH_OBJECTIVES
 from qsweep.recipe import to_json
 from qsweep.search.confirm import confirm, measured_verdict
 from qsweep.search.evaluate import CostModel, Evaluator
@@ -30,7 +30,7 @@ from qsweep.search.study import (
     trials_table,
 )
 from qsweep.sweep import Point
-from qsweep.tracking import Tracker
+from qsweep.tracking import FAILED, MODEL_TAG, OK, ROLE_SEARCH, ROLE_TAG, STUDY_TAG, Tracker
 
 # ---------------------------------------------------------------- plots
 
@@ -68,7 +68,7 @@ def plot_pareto(table: pd.DataFrame, front: pd.DataFrame, best: pd.DataFrame, bu
         ax.scatter([top["drift"]], [top["value"]], marker="*", s=180, color="tab:red", label="best recipe", zorder=3)
     ax.axvline(budget, ls="--", color="k", lw=1, label="drift budget")
     ax.set_xlabel(drift_metric)
-    ax.set_ylabel("predicted_speedup" if objective == "speedup" else "size_ratio")
+    ax.set_ylabel(SEARCH_OBJECTIVES[objective].value)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -108,7 +108,7 @@ def prepare(root: RootConf, overrides: list[str]) -> Setup:
 def _parent_run(tracker: Tracker, root: RootConf, point: Point, study: str) -> str:
     """The study's MLflow run, RUNNING with no status until the search ends (run_search sets it): found
     again on resume, so all workers nest their trials under it."""
-    found = tracker.find(**{"qsweep.study": study, "qsweep.role": "search-study"})
+    found = tracker.find(**{STUDY_TAG: study, ROLE_TAG: ROLE_SEARCH})
     if found:
         run_id = found[-1].info.run_id  # the oldest, should two workers have raced to create one
         tracker.reopen(run_id)
@@ -118,7 +118,7 @@ def _parent_run(tracker: Tracker, root: RootConf, point: Point, study: str) -> s
               "drift_metric": s.drift_metric, "max_drift": s.max_drift, "relative": s.relative,
               "pareto": s.pareto, "groups": s.groups, "compile": root.compile.name, "device": point.device,
               "dtype": point.dtype, "device_name": point.hw.name, "batch_size": root.bench.batch_size}
-    tags = {"qsweep.study": study, "qsweep.role": "search-study", "model": root.model.name}
+    tags = {STUDY_TAG: study, ROLE_TAG: ROLE_SEARCH, MODEL_TAG: root.model.name}
     return tracker.start(f"search-{study}", params, tags)
 
 
@@ -136,10 +136,10 @@ def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, 
     except BaseException as err:  # an interrupt too: a parent left RUNNING would look half-written
         reason = f"{type(err).__name__}: {first_line(err)[:500]}" if str(err) else type(err).__name__
         with contextlib.suppress(Exception):  # the search's own error is the one to report
-            setup.tracker.finish(setup.parent_run_id, "failed", f"search stopped: {reason}")
+            setup.tracker.finish(setup.parent_run_id, FAILED, f"search stopped: {reason}")
         raise
     s = root.search
-    setup.tracker.finish(setup.parent_run_id, "ok" if result["best"] else "failed",
+    setup.tracker.finish(setup.parent_run_id, OK if result["best"] else FAILED,
                          "" if result["best"] else f"no recipe met {s.drift_metric} <= {s.max_drift}")
     return result
 
@@ -228,25 +228,16 @@ def _write_outputs(setup: Setup, result: dict[str, Any], best: pd.DataFrame) -> 
         metrics = setup.memo.get(recipe_key(winner["recipe"]), {})
         recipe = trial_recipe(setup, f"{setup.study_name}-best", winner["trial"], winner["recipe"], metrics)
         (out / BEST_RECIPE_FILE).write_text(to_json(recipe))
-    client, run_id = setup.tracker.client, setup.parent_run_id
-    for f in sorted(out.iterdir()):
-        if f.suffix in (".csv", ".png", ".json"):
-            client.log_artifact(run_id, str(f))
+    tracker, run_id = setup.tracker, setup.parent_run_id
+    tracker.log_files(run_id, [f for f in sorted(out.iterdir()) if f.suffix in (".csv", ".png", ".json")])
     if not best.empty:
-        m = setup.memo.get(best.iloc[0]["recipe"], {})
-        from mlflow.entities import Metric as MlMetric
-
-        from qsweep.metrics import only_metrics
-
-        step = int(result["trials_total"])
-        client.log_batch(run_id, metrics=[MlMetric(k, v, 0, step) for k, v in only_metrics(m).items()
-                                          if math.isfinite(v)])
-    for k in ("trials_total", "trials_this_run", "distinct_recipes", "wall_s", "mixed_beats_uniform",
-              "measured_mixed_beats_uniform", "measured_margin", "measured_noise", "measured_by"):
-        if k in result:
-            client.set_tag(run_id, f"search.{k}", str(result[k]))
+        tracker.log_metrics(run_id, setup.memo.get(best.iloc[0]["recipe"], {}), step=int(result["trials_total"]))
+    keys = ("trials_total", "trials_this_run", "distinct_recipes", "wall_s", "mixed_beats_uniform",
+            "measured_mixed_beats_uniform", "measured_margin", "measured_noise", "measured_by")
+    tags = {f"search.{k}": str(result[k]) for k in keys if k in result}
     if winner:
-        client.set_tag(run_id, "search.best_trial", str(winner["trial"]))
+        tags["search.best_trial"] = str(winner["trial"])
+    tracker.set_tags(run_id, tags)
 
 
 def _winner(result: dict[str, Any]) -> dict | None:
@@ -281,7 +272,7 @@ def _print_result(result: dict[str, Any], confirmed: pd.DataFrame, s) -> None:
           f"{result['distinct_recipes']} distinct recipes of {result['search_space']}), states "
           f"{result['trial_states']}; trials took {result['trials_wall_s']:.1f} s, the whole search "
           f"{result['wall_s']:.1f} s")
-    unit = "predicted_speedup" if s.objective == "speedup" else "size_ratio"
+    unit = SEARCH_OBJECTIVES[s.objective].value
     if best:
         print(f"best recipe (trial {best['trial']}): {unit} {best['value']:.4f}  {s.drift_metric} "
               f"{best['drift']:.4g}  {best['counts']}")

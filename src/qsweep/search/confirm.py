@@ -13,11 +13,14 @@ import pandas as pd
 from torch import nn
 
 from qsweep import measure
-from qsweep.runner import GRAPHED_MODES, forward_call, quantize, run_isolated, run_trial, to_device
+from qsweep.measure import GRAPHED_MODES, forward_call, to_device
+from qsweep.objectives import SEARCH_OBJECTIVES
+from qsweep.runner import run_isolated, run_trial
+from qsweep.schemes import quantize
 from qsweep.search.evaluate import free_device_memory
 from qsweep.search.space import recipe_spec
 from qsweep.search.study import Setup, log_trial
-from qsweep.sweep import _reference_path, ensure_baseline, relative_to_baseline
+from qsweep.sweep import ensure_baseline, reference_path, relative_to_baseline
 
 
 def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
@@ -25,6 +28,7 @@ def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame()
     tracker, point = setup.tracker, setup.point
+    goal = SEARCH_OBJECTIVES[setup.root.search.objective]
     baseline = ensure_baseline(point, tracker)
     if baseline.status != "ok":
         print(f"qsweep search: cannot confirm, baseline failed: {baseline.reason}", flush=True)
@@ -33,7 +37,7 @@ def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
     for r in rows.itertuples():
         assignment = json.loads(r.recipe)
         spec = point.spec(recipe_spec(assignment, setup.space, list(setup.cands.values())),
-                          _reference_path(point), is_baseline=False)
+                          reference_path(point), is_baseline=False)
         result = (run_isolated(spec, setup.root.bench.timeout_s) if setup.root.isolate else run_trial(spec))
         if result.status == "ok":
             result.metrics.update(relative_to_baseline(result.metrics, baseline.metrics))
@@ -43,7 +47,8 @@ def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
         m = result.metrics
         out.append({"trial": int(r.trial), "uniform": r.uniform, "counts": r.counts, "status": result.status,
                     "predicted_speedup": r.predicted_speedup, "speedup": m.get("speedup"),
-                    "size_ratio": m.get("size_ratio"), setup.root.search.drift_metric:
+                    "size_ratio": m.get("size_ratio"), goal.measured: m.get(goal.measured),
+                    setup.root.search.drift_metric:
                     m.get(setup.root.search.drift_metric), "latency_ms": m.get("latency_ms"),
                     "latency_cv": m.get("latency_cv"), "reason": result.reason[:100], "recipe": r.recipe})
     confirmed = pd.DataFrame(out)
@@ -92,35 +97,37 @@ def measured_verdict(confirmed: pd.DataFrame, drift_metric: str, budget: float,
                      objective: str = "speedup") -> dict[str, Any]:
     """The answer by measurement, which overrides the cost model's prediction: the best confirmed recipe
     within the drift budget, and whether it is mixed and beats the best uniform one by more than the noise.
-    For objective=size the measure is the saved file's size_ratio, which has no noise. For speed, paired
-    timings (one process, in turn) are used where present, with their spread as the noise; otherwise the
-    isolated trials' speedups, with twice the larger latency CV as the noise, or how far the re-measured
-    unquantized recipe strayed from its baseline if that is larger (run-to-run noise that a within-run CV
-    does not see). A smaller margin proves nothing."""
-    ok = confirmed[(confirmed["status"] == "ok") & np.isfinite(confirmed["speedup"].astype(float))]
+    The measure is the objective's `measured` metric (objectives.SEARCH_OBJECTIVES); one without timing
+    noise (size: the saved file's size_ratio) has no noise. For a timed one (speed), paired timings (one
+    process, in turn) are used where present, with their spread as the noise; otherwise the isolated
+    trials' speedups, with twice the larger latency CV as the noise, or how far the re-measured unquantized
+    recipe strayed from its baseline if that is larger (run-to-run noise that a within-run CV does not
+    see). A smaller margin proves nothing."""
+    goal = SEARCH_OBJECTIVES[objective]
+    ok = confirmed[(confirmed["status"] == "ok") & np.isfinite(confirmed[goal.measured].astype(float))]
     if drift_metric in ok:  # NaN drift never meets the budget
         ok = ok[ok[drift_metric].astype(float).fillna(math.inf) <= budget]
     if ok.empty:
         return {"measured_best": None, "measured_mixed_beats_uniform": False}
-    paired = objective != "size" and "paired_speedup" in ok and bool(ok["paired_speedup"].notna().all())
-    metric = "size_ratio" if objective == "size" else "paired_speedup" if paired else "speedup"
+    paired = goal.paired is not None and goal.paired in ok and bool(ok[goal.paired].notna().all())
+    metric = goal.paired if paired else goal.measured
     ranked = ok.sort_values(metric, ascending=False)
     top, uniform = ranked.iloc[0], ranked[ranked["uniform"] != ""]
     verdict: dict[str, Any] = {
         "measured_best": {"trial": int(top["trial"]), "metric": metric, "value": float(top[metric]),
                           "counts": json.loads(top["counts"]), "uniform": top["uniform"] or None},
-        "measured_by": "bytes on disk" if objective == "size" else "paired timing" if paired else "isolated timing"}
+        "measured_by": "paired timing" if paired else goal.measured_by}
     if top["uniform"] != "" or uniform.empty:
         return {**verdict, "measured_mixed_beats_uniform": top["uniform"] == ""}
     rival = uniform.iloc[0]
-    if objective == "size":
+    if goal.paired is None:
         noise = 0.0
     elif paired:
         noise = max(float(top["paired_noise"]), float(rival["paired_noise"]))
     else:
         cvs = [row.get("latency_cv") for row in (top, rival)]
         noise = 2 * max((cv for cv in cvs if cv is not None and not math.isnan(cv)), default=0.0)
-        unquantized = ok[ok["uniform"] == "none"]["speedup"]
+        unquantized = ok[ok["uniform"] == "none"][goal.measured]
         if len(unquantized):
             noise = max(noise, abs(1 - float(unquantized.iloc[0])))
     margin = top[metric] / rival[metric] - 1

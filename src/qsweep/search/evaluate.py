@@ -14,18 +14,12 @@ import torch
 from torch import nn
 
 from qsweep import measure
-from qsweep.accuracy import NonFiniteError, check_metrics, check_outputs
+from qsweep.accuracy import NonFiniteError, check_metrics, check_outputs, drift_metrics, eval_outputs
 from qsweep.config import ConfigError, RootConf
+from qsweep.measure import GRAPHED_MODES, forward_call, to_device
 from qsweep.models import build_model
-from qsweep.runner import (
-    GRAPHED_MODES,
-    drift_metrics,
-    eval_outputs,
-    forward_call,
-    quantizable_layers,
-    quantize,
-    to_device,
-)
+from qsweep.objectives import SEARCH_OBJECTIVES
+from qsweep.schemes import is_quantized, quantizable_layers, quantize
 from qsweep.search.space import NONE, Candidate, Space
 
 # ---------------------------------------------------------------- accuracy evaluation
@@ -68,7 +62,7 @@ class Evaluator:
         if quant is not None:
             quantize(model, quant, layers)
         metrics = {"quantize_s": time.perf_counter() - start, "layers_total": len(layers),
-                   "layers_quantized": sum(type(m.weight.data) is not torch.Tensor for m in layers.values())}
+                   "layers_quantized": sum(is_quantized(m) for m in layers.values())}
         size = measure.model_size_bytes(model)
         metrics.update(size_bytes=size, size_ratio=self.base_size / size)
         outputs = self._outputs(model)
@@ -184,8 +178,8 @@ class CostModel:
         return max(self.base_ms - saved, 1e-6)
 
     def gain(self, key: str, name: str, space: Space, cands: dict[str, Candidate], objective: str) -> float:
-        """What quantizing one group with `name` saves: ms (speedup) or weight bytes (size)."""
+        """What quantizing one group with `name` saves, in the objective's per-layer cost (`ms`, `bytes`)."""
         if name == NONE:
             return 0.0
-        unit = "ms" if objective == "speedup" else "bytes"
+        unit = SEARCH_OBJECTIVES[objective].layer_cost
         return sum(self.layer(f, cands[NONE])[unit] - self.layer(f, cands[name])[unit] for f in space.groups[key])

@@ -13,9 +13,6 @@ from torch import nn
 
 from qsweep import schemes
 from qsweep.config import ConfigError, RootConf, choices, load_config
-from qsweep.runner import (
-    group_size_of,
-)
 
 FQN_TO_CONFIG = "torchao.quantization.FqnToConfig"
 NONE = "none"
@@ -32,7 +29,7 @@ class Candidate:
 
     def fits(self, layer: nn.Linear) -> bool:
         """torchao rejects a group size that does not divide in_features; such a layer cannot take it."""
-        group = group_size_of(self.spec)
+        group = schemes.group_size_of(self.spec)
         return not group or layer.in_features % group == 0
 
 

@@ -19,6 +19,8 @@ import pandas as pd
 
 from qsweep.accuracy import NonFiniteError, check_metrics
 from qsweep.config import ConfigError, RootConf, first_line
+from qsweep.objectives import SEARCH_OBJECTIVES
+from qsweep.objectives import pareto_front as pareto_mask
 from qsweep.recipe import RECIPE_FILE, Recipe, safe_name, to_json
 from qsweep.search.evaluate import CostModel, Evaluator
 from qsweep.search.space import NONE, Candidate, Space, counts, recipe_key, recipe_spec
@@ -145,7 +147,8 @@ class Setup:
         return value / abs(self.ev.base_task["task_metric"]) if s.relative else value
 
     def value(self, metrics: dict[str, float]) -> float:
-        return metrics["predicted_speedup" if self.root.search.objective == "speedup" else "size_ratio"]
+        """The objective's value of one evaluation (higher is better)."""
+        return metrics[SEARCH_OBJECTIVES[self.root.search.objective].value]
 
     def evaluate(self, assignment: dict[str, str]) -> dict[str, float]:
         """Metrics of one recipe; NonFiniteError if its outputs, drift or objective are NaN/Inf."""
@@ -301,8 +304,6 @@ def best_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
     """Distinct complete recipes that no other beats on both objective (higher) and drift (lower)."""
-    from qsweep.select import pareto_front as pareto_mask
-
     ok = table[table["state"] == "COMPLETE"].drop_duplicates("recipe")
     if len(ok):
         ok = ok[ok["value"].map(math.isfinite) & ok["drift"].map(math.isfinite)]
