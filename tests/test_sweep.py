@@ -164,7 +164,7 @@ def test_changed_model_code_means_a_new_baseline(tmp_path):
 
 
 def test_model_identity_covers_code_and_weight_files(tmp_path):
-    from qsweep.sweep import model_identity
+    from qsweep.identity import model_identity
 
     weights = tmp_path / "model"
     weights.mkdir()
