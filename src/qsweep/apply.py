@@ -23,6 +23,7 @@ from qsweep.accuracy import NonFiniteError
 from qsweep.config import ConfigError, SelectConf, load_config, mlflow_uri
 from qsweep.measure import model_size_bytes, to_device
 from qsweep.metrics import METRICS
+from qsweep.objectives import resolve_drift_metric
 from qsweep.recipe import WRITE_PATH_KEYS, Recipe, check_model, load_recipe, unmatched_fqns
 from qsweep.select import drift_cost, select_overrides
 from qsweep.sweep import resolve_device, versions
@@ -140,8 +141,8 @@ def verify(recipe: Recipe, metrics: dict[str, float], reload_diff: float, sel: S
     and the reloaded model's outputs identical to the quantized model's."""
     sel = sel or SelectConf()
     # A run's own recipe.json has no selection yet: its drift is checked on the metric select would use.
-    auto = "accuracy_drop" if "accuracy_drop" in recipe.metrics else "drift_cosine"
-    metric, relative = recipe.selection.get("drift_metric", auto), recipe.selection.get("relative", False)
+    metric = recipe.selection.get("drift_metric") or resolve_drift_metric("auto", set(recipe.metrics))
+    relative = recipe.selection.get("relative", False)
     recorded = drift_cost(pd.DataFrame([_with_schema(recipe.metrics)]), metric, relative)[0].iloc[0]
     measured, label = drift_cost(pd.DataFrame([_with_schema(metrics)]), metric, relative)
     measured = measured.iloc[0]

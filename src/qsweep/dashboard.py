@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from qsweep import tracking
 from qsweep.config import SelectConf, first_line, to_root
 from qsweep.metrics import BY_NAME
-from qsweep.objectives import COST, DRIFT, drift_metrics, selection_objectives
+from qsweep.objectives import COST, DRIFT, drift_metrics, resolve_drift_metric, selection_objectives
 
 LEADING = ("speedup", "size_ratio")  # the objectives a reader looks at first
 VIEW_PREFIX = "qsweep-"  # saved view ids: qsweep-speedup, qsweep-size_ratio, ..., qsweep-drift
@@ -48,8 +48,7 @@ WORKFLOW = {"workflowType": "machine_learning"}  # the "Model training" side of 
 def drift_order(present: set[str], drift_metric: str = "auto") -> list[str]:
     """The drift metrics an experiment's runs carry, the one selection ranks by first (`auto`, as
     `qsweep select`: accuracy_drop where the runs have it, else drift_cosine)."""
-    chosen = drift_metric if drift_metric != "auto" else "accuracy_drop" if "accuracy_drop" in present \
-        else "drift_cosine"
+    chosen = resolve_drift_metric(drift_metric, present)
     return [chosen] + [m for m in drift_metrics() if m in present and m != chosen]
 
 

@@ -60,6 +60,14 @@ def drift_metrics() -> list[str]:
     return sorted(m.name for m in metrics.METRICS if m.drift)
 
 
+def resolve_drift_metric(configured: str, measured: set[str]) -> str:
+    """The drift metric a cost is computed from: the configured one, or for `auto` accuracy_drop where the
+    runs measured it (task models), else drift_cosine (every run has it)."""
+    if configured != "auto":
+        return configured
+    return "accuracy_drop" if "accuracy_drop" in measured else "drift_cosine"
+
+
 def as_cost(metric: str) -> tuple[str, Callable[[Any], Any]]:
     """How a drift metric becomes a cost, lower is better: (label, function of the values).
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from qsweep import schemes
+from qsweep import objectives, schemes
 from qsweep.config import ConfigError, RootConf, SelectConf, load_config, mlflow_uri
 from qsweep.metrics import METRICS
 from qsweep.objectives import COST, as_cost, pareto_dims, pareto_front, score, selection_objectives
@@ -73,10 +73,9 @@ class Selection:
 
 
 def resolve_drift_metric(frame: pd.DataFrame, sel: SelectConf) -> str:
-    """The drift metric to use: the configured one, or accuracy_drop when runs have it, else drift_cosine."""
-    if sel.drift_metric != "auto":
-        return sel.drift_metric
-    return "accuracy_drop" if frame["accuracy_drop"].notna().any() else "drift_cosine"
+    """The drift metric to use for these runs (objectives.resolve_drift_metric)."""
+    measured = {c for c in frame.columns if frame[c].notna().any()}
+    return objectives.resolve_drift_metric(sel.drift_metric, measured)
 
 
 def drift_cost(frame: pd.DataFrame, metric: str, relative: bool) -> tuple[pd.Series, str]:
