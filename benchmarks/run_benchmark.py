@@ -25,7 +25,7 @@ RESULTS = Path(__file__).parent / "results"
 PUBLISHED_TOK_S = {"none": 126.9, "int8wo": 198.9, "int4wo": 241.4, "float8wo": 178.5, "float8dq": 154.6}
 COLUMNS = ["model", "batch_size", "scheme", "granularity", "group_size", "status", "latency_ms", "latency_e2e_ms",
            "latency_cv", "latency_spread", "speedup", "size_ratio", "weights_mem_bytes", "peak_mem_bytes", "drift_sqnr_db",
-           "prefill_tok_s", "decode_tok_s", "compile_s", "timing", "reason"]
+           "prefill_tok_s", "decode_tok_s", "time_compile_s", "time_total_s", "timing", "reason"]
 
 
 def run_grids(cfg: dict, output_dir: str) -> None:
@@ -70,7 +70,7 @@ def markdown(frame: pd.DataFrame, repeat: pd.DataFrame, command: str) -> str:
     ok = frame[frame.status == "ok"]
     if not ok.empty:
         columns = ["model", "batch_size", "run", "latency_ms", "latency_e2e_ms", "latency_cv", "speedup",
-                   "size_ratio", "drift_sqnr_db", "prefill_tok_s", "decode_tok_s", "compile_s"]
+                   "size_ratio", "drift_sqnr_db", "prefill_tok_s", "decode_tok_s", "time_compile_s"]
         table = ok[columns].dropna(axis="columns", how="all").sort_values(["model", "batch_size", "speedup"],
                                                                             ascending=[True, True, False])
         lines += ["## Measured points", "", table.to_markdown(index=False, floatfmt=".3g"), ""]

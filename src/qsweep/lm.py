@@ -181,11 +181,11 @@ def speed(model: nn.Module, ids: torch.Tensor, decode_tokens: int, timer: Timer,
     batch, prompt_len = ids.shape
     if static_cache:
         cache = StaticCache(config=model.config, max_cache_len=prompt_len + decode_tokens)
-        try:
-            first = _prefill(model, ids, cache).argmax(-1)  # [batch, 1]: decode starts from a real token
+        try:  # the timer's first call compiles the prefill path
+            prefill_stats = timer(lambda: _prefill(model, ids, cache))
         except Exception:  # an architecture without static-cache support
             return speed(model, ids, decode_tokens, timer, info, static_cache=False)
-        prefill_stats = timer(lambda: _prefill(model, ids, cache))
+        first = _prefill(model, ids, cache).argmax(-1)  # [batch, 1]: decode starts from a real token
 
         def decode() -> torch.Tensor:
             rewind(cache, prompt_len)

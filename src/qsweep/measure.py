@@ -8,11 +8,14 @@ look faster than in a real model, so an optional flush evicts L2 between repeats
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,49 @@ def summarize(samples_ms: list[float], mode: str) -> LatencyStats:
     mean = statistics.fmean(samples_ms)
     cv = statistics.pstdev(samples_ms) / mean if mean > 0 else 0.0
     return LatencyStats(statistics.median(samples_ms), qs[0], qs[-1], cv, mode, samples_ms)
+
+
+# The stages of a trial: every second of it belongs to one (`time_<stage>_s` metrics).
+STAGES = ("build", "quantize", "compile", "measure", "eval")
+
+
+class StageClock:
+    """Seconds spent per trial stage. Stages nest: entering one pauses the enclosing one, so the first
+    (compiling) call inside a timing loop counts as compile, not measure, and nothing counts twice.
+
+    `started` (time.time(), seconds since the epoch) is when the trial process started: `time_total_s`
+    counts from there.
+    """
+
+    def __init__(self, started: float | None = None):
+        self.started = time.time() if started is None else started
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._stack: list[list] = []  # [stage, start of its current slice]
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        now = time.perf_counter()
+        if self._stack:
+            outer = self._stack[-1]
+            self.seconds[outer[0]] += now - outer[1]
+        self._stack.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            inner = self._stack.pop()
+            self.seconds[inner[0]] += now - inner[1]
+            if self._stack:
+                self._stack[-1][1] = now
+
+    def metrics(self) -> dict[str, float]:
+        """`time_<stage>_s` for every stage and `time_total_s` (since `started`)."""
+        out = {f"time_{name}_s": s for name, s in self.seconds.items()}
+        out["time_total_s"] = time.time() - self.started
+        return out
+
+
+_NO_CLOCK = StageClock()
 
 
 # torch.compile modes that capture their own CUDA graphs: time them as they are, without another graph.
@@ -68,7 +114,8 @@ def sync(device: str) -> None:
 
 
 def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, timing: str,
-              l2_flush: bool = False, graphed_already: bool = False) -> LatencyStats:
+              l2_flush: bool = False, graphed_already: bool = False, clock: StageClock = _NO_CLOCK,
+              weights_bytes: int | None = None) -> LatencyStats:
     """Median latency of `fn()` in ms.
 
     Args:
@@ -76,22 +123,71 @@ def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, 
             if capture fails, and says so in `mode`); "e2e" times each call with a sync, as a
             user would see it. On CPU both are wall-clock per call.
         graphed_already: fn runs its own CUDA graphs (torch.compile reduce-overhead/max-autotune),
-            which cannot be captured again; it is then timed with CUDA events per call.
+            which cannot be captured again; it is then timed with CUDA events.
+        clock: the first call (which compiles a new path) and graph capture count as its `compile`
+            stage, the rest as `measure`.
+        weights_bytes: the model's weights. Device timing puts several calls in one sample (see
+            calls_per_sample); with l2_flush and weights that fit in L2, the calls after the first
+            would read them warm, so such a sample holds one call.
     """
-    if device != "cuda":
-        return _time_host(fn, warmup, repeats, sync=lambda: None, mode="e2e (cpu wall clock)")
-    flush = _l2_flusher() if l2_flush else None
-    if timing == "device" and graphed_already:
-        return _time_events(fn, warmup, repeats, flush, mode="device (torch.compile cuda graphs)")
-    if timing == "device":
-        try:
-            graph = _capture(fn, warmup)
-        except Exception as err:  # some kernels are not capturable; say so rather than fail
-            stats = _time_host(fn, warmup, repeats, torch.cuda.synchronize, mode="e2e")
-            stats.mode = f"e2e (graph capture failed: {type(err).__name__})"
-            return stats
-        return _time_events(graph.replay, warmup, repeats, flush, mode="device (cuda graph)")
-    return _time_host(fn, warmup, repeats, torch.cuda.synchronize, mode="e2e", flush=flush)
+    with clock.stage("compile"):
+        fn()
+        sync(device)
+    with clock.stage("measure"):
+        if device != "cuda":
+            return _time_host(fn, warmup, repeats, sync=lambda: None, mode="e2e (cpu wall clock)")
+        flush = _l2_flusher() if l2_flush else None
+        one_call = flush is not None and (weights_bytes is None or weights_bytes < 2 * _l2_bytes())
+        if timing == "device" and graphed_already:
+            calls = 1 if one_call else calls_per_sample(fn)
+            return _time_events(_repeat(fn, calls), warmup, repeats, flush, calls,
+                                mode=f"device (torch.compile cuda graphs, {calls} calls per sample)")
+        if timing == "device":
+            try:
+                with clock.stage("compile"):
+                    graph = _capture(fn, warmup)
+                    calls = 1 if one_call else calls_per_sample(graph.replay)
+                    if calls > 1:
+                        del graph
+                        graph = _capture(_repeat(fn, calls), 0)
+            except Exception as err:  # some kernels are not capturable; say so rather than fail
+                stats = _time_host(fn, warmup, repeats, torch.cuda.synchronize, mode="e2e")
+                stats.mode = f"e2e (graph capture failed: {type(err).__name__})"
+                return stats
+            return _time_events(graph.replay, warmup, repeats, flush, calls,
+                                mode=f"device (cuda graph, {calls} calls per sample)")
+        return _time_host(fn, warmup, repeats, torch.cuda.synchronize, mode="e2e", flush=flush)
+
+
+# What one timed sample costs besides the calls (event records, a graph launch): a few microseconds.
+# A sample holds enough calls that this is under 1% of it, or a speedup is compressed.
+SAMPLE_OVERHEAD_S = 10e-6
+MAX_CALLS_PER_SAMPLE = 64
+
+
+def calls_per_sample(fn: Callable[[], Any], probes: int = 3) -> int:
+    """How many calls of fn one timed sample holds so that a sample's fixed cost stays below 1%.
+    fn is a graph replay (or runs its own graphs), so CUDA events see its GPU time, not launches."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    for _ in range(probes):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    per_call_s = start.elapsed_time(end) / probes / 1e3
+    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(100 * SAMPLE_OVERHEAD_S / max(per_call_s, 1e-9))))
+
+
+def _repeat(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
+    if calls == 1:
+        return fn
+
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
 
 
 def _time_host(fn, warmup, repeats, sync, mode, flush=None) -> LatencyStats:
@@ -110,7 +206,8 @@ def _time_host(fn, warmup, repeats, sync, mode, flush=None) -> LatencyStats:
     return summarize(samples, mode)
 
 
-def _time_events(fn, warmup, repeats, flush, mode) -> LatencyStats:
+def _time_events(fn, warmup, repeats, flush, calls, mode) -> LatencyStats:
+    """CUDA-event time of `fn` (which makes `calls` calls) per call, in ms."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -123,7 +220,7 @@ def _time_events(fn, warmup, repeats, flush, mode) -> LatencyStats:
         fn()
         end.record()
     torch.cuda.synchronize()
-    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], mode)
+    return summarize([s.elapsed_time(e) / calls for s, e in zip(starts, ends)], mode)
 
 
 def _capture(fn, warmup) -> torch.cuda.CUDAGraph:
@@ -141,9 +238,12 @@ def _capture(fn, warmup) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def _l2_bytes() -> int:
+    return torch.cuda.get_device_properties(0).L2_cache_size
+
+
 def _l2_flusher() -> Callable[[], None]:
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    buffer = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device="cuda")
+    buffer = torch.empty(max(2 * _l2_bytes(), 1 << 20), dtype=torch.uint8, device="cuda")
     return lambda: buffer.zero_()
 
 
@@ -214,9 +314,41 @@ def saved_size(state_dict: dict, path: Path) -> int:
     return path.stat().st_size
 
 
-def model_size_bytes(model: torch.nn.Module) -> int:
-    """Bytes on disk of the model's state_dict saved with torch.save (written to a temp dir)."""
-    import tempfile
+def weight_read_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers one decode step reads: all of them (quantized data and scales as
+    stored) except embedding tables, which a step only gathers a row of; a weight tied to an output
+    projection is read there, once. The bytes-read bound of a weight-bound step: its time is at least
+    this over the memory bandwidth."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor_bytes(tensor)
+    return total
 
-    with tempfile.TemporaryDirectory() as tmp:
-        return saved_size(model.state_dict(), Path(tmp) / "model.pt")
+
+class _ByteCounter(io.RawIOBase):
+    """A write-only stream that keeps only the count: torch.save's exact file size without writing
+    the file (16 GB for an 8B model in bf16, which took longer to write than to measure)."""
+
+    def __init__(self):
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+
+def model_size_bytes(model: torch.nn.Module) -> int:
+    """Bytes on disk of the model's state_dict saved with torch.save (counted as it is serialized)."""
+    counter = _ByteCounter()
+    torch.save(model.state_dict(), counter)
+    return counter.size

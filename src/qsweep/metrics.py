@@ -52,8 +52,19 @@ METRICS: tuple[Metric, ...] = (
     Metric("throughput", "samples/s", True, "batch_size / latency"),
     Metric("speedup", "x", True, "baseline latency_ms / trial latency_ms, same compile mode and batch",
            objective=True),
-    Metric("compile_s", "s", False, "time of the first (compiling) calls; 0 without torch.compile"),
-    Metric("quantize_s", "s", False, "time spent in torchao quantize_"),
+    Metric("weight_read_bytes", "bytes", False,
+           "bytes of weights one decode step reads (quantized data and scales; embedding tables, which a step "
+           "gathers one row of, excluded): baseline / trial is the bytes-read bound of a weight-bound speedup"),
+    # where a trial's time goes: the stages sum to time_total_s but for bookkeeping between them
+    Metric("time_build_s", "s", False, "model construction (random init on the device or weights loaded) and move"),
+    Metric("time_quantize_s", "s", False,
+           "torchao quantize_, or the scheme's whole flow: QAT training, calibration (and freeing temporaries)"),
+    Metric("time_compile_s", "s", False,
+           "all compilation: first calls of every timed path (forward, prefill, decode), CUDA-graph capture, "
+           "autotuning; 0 without torch.compile but for eager first calls and graph capture"),
+    Metric("time_measure_s", "s", False, "timed repeats, memory peak and size"),
+    Metric("time_eval_s", "s", False, "drift against the baseline and the task metric"),
+    Metric("time_total_s", "s", False, "the trial process from its start to its result"),
     # per-layer search: predicted by the cost model (per-layer microbenchmarks), not measured end to end
     Metric("predicted_latency_ms", "ms", False,
            "baseline latency_ms minus the per-layer latency saved, from cached single-layer microbenchmarks"),
@@ -84,6 +95,17 @@ METRICS: tuple[Metric, ...] = (
     # coverage
     Metric("layers_quantized", "count", None, "Linear layers whose weight torchao replaced"),
     Metric("layers_total", "count", None, "Linear layers that were candidates"),
+    # flows beyond one-shot quantize_ (qsweep.flows; their time is inside time_quantize_s)
+    Metric("train_steps", "count", None, "QAT: optimizer steps between prepare and convert (scheme.qat.steps)"),
+    Metric("train_s", "s", False, "QAT: wall time of the fine-tuning steps"),
+    Metric("train_loss", "nats", None, "QAT: mean training loss of the last 10 steps"),
+    Metric("ptq_accuracy_drop", "ratio", False,
+           "QAT: accuracy_drop of its PTQ twin (the same base config, one-shot, untrained): what QAT recovers "
+           "is ptq_accuracy_drop - accuracy_drop"),
+    Metric("calib_batches", "count", None, "static, pt2e: batches the activation scales were observed on"),
+    Metric("calib_s", "s", False, "static, pt2e: wall time of calibration (pt2e: export, prepare, calibrate, convert)"),
+    Metric("flow_compile_s", "s", False, "pt2e: torch.compile of the converted graph (lowering to int8 kernels)"),
+    Metric("weight_sparsity", "ratio", None, "sparsity: fraction of zero weights in the pruned layers (2:4 = 0.5)"),
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}

@@ -1,0 +1,44 @@
+"""Where a trial's time goes (issue 13): every stage is recorded and together they account for the
+trial; a warm rerun (same compile cache) compiles less than the first run."""
+
+from __future__ import annotations
+
+import time
+
+from qsweep.measure import STAGES, StageClock
+from qsweep.runner import TrialSpec, run_isolated
+
+
+def test_nested_stages_never_count_twice():
+    clock = StageClock()
+    with clock.stage("measure"):
+        time.sleep(0.05)
+        with clock.stage("compile"):  # a first call inside a timing loop is compile, not measure
+            time.sleep(0.1)
+        time.sleep(0.05)
+    m = clock.metrics()
+    assert 0.1 <= m["time_compile_s"] < 0.15
+    assert 0.1 <= m["time_measure_s"] < 0.15
+    assert m["time_total_s"] >= m["time_compile_s"] + m["time_measure_s"]
+
+
+def test_stage_times_sum_to_the_trial_and_a_warm_rerun_compiles_less(compose, tmp_path):
+    root = compose("model=tiny_llama", "compile=default", "eval.n_samples=8", "eval.batch_size=8")
+    trial = TrialSpec(model_builder=dict(root.model.builder), quant=None, device="cpu", dtype="float32",
+                      batch_size=1, compile_mode="default", compile_cache_dir=str(tmp_path / "inductor"),
+                      warmup=1, repeats=3, eval_samples=8, eval_batch_size=8,
+                      reference_path=str(tmp_path / "ref.pt"), is_baseline=True)
+    cold = run_isolated(trial, timeout_s=600)
+    assert cold.status == "ok", cold.reason
+    stages = {f"time_{s}_s" for s in STAGES}
+    assert stages | {"time_total_s"} <= set(cold.metrics)
+    accounted = sum(cold.metrics[k] for k in stages)
+    assert accounted >= 0.95 * cold.metrics["time_total_s"], cold.metrics
+    assert cold.metrics["time_compile_s"] > 0 and cold.metrics["time_build_s"] > 0
+    assert cold.metrics["time_quantize_s"] < 0.5  # a baseline quantizes nothing
+
+    warm = run_isolated(trial, timeout_s=600)  # a fresh process: only the on-disk cache is shared
+    assert warm.status == "ok", warm.reason
+    assert warm.info["compile_cache"]["fxgraph_cache_hit"] > 0, warm.info["compile_cache"]
+    assert warm.metrics["time_compile_s"] < 0.7 * cold.metrics["time_compile_s"], (
+        warm.metrics["time_compile_s"], cold.metrics["time_compile_s"])
