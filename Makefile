@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; pip would otherwise pull a multi-GB CUDA build on a machine without a GPU.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint ui clean
+.PHONY: setup demo test lint ui clean services services-stop
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ lint: setup
 
 ui: setup
 	$(BIN)/qsweep ui
+
+# The shared store on loopback: PostgreSQL (Debian's package) and `mlflow server` on it (README "Scaling out").
+services: setup
+	PYTHON=$(BIN)/python scripts/services.sh start
+
+services-stop:
+	PYTHON=$(BIN)/python scripts/services.sh stop
 
 clean:
 	rm -rf outputs/* multirun

@@ -44,9 +44,13 @@ def apply_recipe(recipe: Recipe, device: str, directory: Path, sel: SelectConf |
     The reloaded model is compared with the in-memory quantized one (outputs must match exactly) and
     its drift and size with the recipe's recorded metrics, within sel.drift_tol and sel.size_tol.
     """
+    from qsweep.flows import FLOWS, FlowSettings, flow_name, run_flow
     from qsweep.models import build_model
-    from qsweep.schemes import quantizable_layers, quantize
+    from qsweep.schemes import quantizable_layers
 
+    if not FLOWS[flow_name(recipe.flow)].checkpoint:
+        raise ConfigError(f"recipe {recipe.name}: flow {flow_name(recipe.flow)} makes a graph or torch.ao modules, "
+                          "not a state_dict of the model's own modules; apply saves and verifies only those")
     dtype = getattr(torch, recipe.dtype)
     bundle = build_model(recipe.model["builder"], recipe.eval["seed"])
     model = bundle.model.to(dtype).to(device)
@@ -55,7 +59,9 @@ def apply_recipe(recipe: Recipe, device: str, directory: Path, sel: SelectConf |
     if unmatched:
         raise ConfigError(f"recipe {recipe.name}: {len(unmatched)} layer name(s) match no module of model "
                           f"{recipe.model['name']}: {', '.join(unmatched[:5])}")
-    quantize(model, recipe.quant, quantizable_layers(model, recipe.model.get("quantize_filter")))
+    # the recipe's flow replayed: QAT trains the recorded steps, static calibrates on the recorded batches
+    model = run_flow(recipe.flow, model, bundle, recipe.quant, quantizable_layers(model, recipe.model.get("quantize_filter")),
+                     FlowSettings(device, dtype, recipe.eval["seed"])).model
     sel = sel or SelectConf()
     directory.mkdir(parents=True, exist_ok=True)
     checkpoint, fmt = save_checkpoint(model.state_dict(), directory, sel.checkpoint_format)
@@ -244,6 +250,7 @@ def _failed_checks(verification: dict) -> str:
 def _apply_params(recipe: Recipe, applied: Applied, device: str) -> dict[str, Any]:
     return {"recipe": recipe.name, "source_run_id": recipe.source.get("run_id"), "source_run": recipe.source.get("run_name"),
             "model": recipe.model["name"], "device": device, "dtype": recipe.dtype,
+            "flow": (recipe.flow or {}).get("name", "ptq"),
             "checkpoint": str(applied.checkpoint), "checkpoint_format": applied.fmt, **versions()}
 
 

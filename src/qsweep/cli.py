@@ -223,6 +223,11 @@ def check_storage_url(url: str) -> None:
     """search.storage must be a SQLAlchemy URL with an installed dialect (Optuna's RDBStorage)."""
     from sqlalchemy.engine import make_url
 
+    if url.startswith("journal:"):  # Optuna's journal file (qsweep.search.parallel), on a shared file system
+        from qsweep.search.parallel import journal_path
+
+        check_writable(Path(journal_path(url) or ".").resolve().parent, "the folder of search.storage")
+        return
     try:
         parsed = make_url(url)
         parsed.get_dialect()

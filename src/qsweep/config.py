@@ -112,10 +112,21 @@ class ModelConf:
     builder: dict[str, Any] = MISSING  # {_target_: qsweep.models.<fn>, **kwargs}
     dtype: Dtype | None = None  # a model may insist on a dtype (LMs: bfloat16); null = top-level dtype
     quantize_filter: str | None = None  # regex on layer names that may be quantized; null = all Linear
+    # LMs: keep (lm_head stays in the model's dtype) | quantize (lm_head too: ~1 GB of an 8B model's
+    # reads per token). null: no lm_head rule. `keep` narrows quantize_filter to exclude lm_head.
+    lm_head: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
             self.dtype = _member(Dtype, self.dtype, "model.dtype")
+        _check(self.lm_head in (None, *LM_HEAD_POLICIES),
+               f"model.lm_head={self.lm_head!r} is invalid; valid: {', '.join(LM_HEAD_POLICIES)}")
+        if self.lm_head == "keep" and not (self.quantize_filter or "").startswith(KEEP_LM_HEAD):
+            self.quantize_filter = KEEP_LM_HEAD + (f"(?=.*(?:{self.quantize_filter}))" if self.quantize_filter else "")
+
+
+LM_HEAD_POLICIES = ("keep", "quantize")
+KEEP_LM_HEAD = "^(?!lm_head$)"  # a negative lookahead on the FQN: every layer but lm_head
 
 
 @dataclass
@@ -125,6 +136,34 @@ class RequiresConf:
     dtypes: list[str] | None = None
     cuda_min_batch: int | None = None  # kernels with a minimum row count on CUDA
     cuda_max_batch: int | None = None  # kernels that fall off a cliff above this row count on CUDA
+    packages: list[str] | None = None  # Python modules its kernels import (e.g. mslk): absent -> unsupported
+
+
+@dataclass
+class QATConf:
+    """scheme.qat: fine-tuning between QATConfig's prepare and convert (flow: qat)."""
+
+    steps: int = 100  # optimizer steps on the model bundle's training data
+    lr: float = 1e-4  # AdamW learning rate
+    batch_size: int = 64
+    ptq_twin: bool = True  # also quantize a copy without training: its accuracy_drop is ptq_accuracy_drop
+
+    def __post_init__(self) -> None:
+        _positive("scheme.qat.steps", self.steps)
+        _positive("scheme.qat.batch_size", self.batch_size)
+        _check(self.lr > 0, f"scheme.qat.lr={self.lr} is invalid; it must be > 0")
+
+
+@dataclass
+class CalibConf:
+    """scheme.calib: the batches static activation scales are observed on (flow: static, pt2e)."""
+
+    batches: int = 8
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _positive("scheme.calib.batches", self.batches)
+        _positive("scheme.calib.batch_size", self.batch_size)
 
 
 @dataclass
@@ -137,10 +176,19 @@ class SchemeConf:
     group_sizes: list[int] | None = None  # accepted group sizes where the kernel limits them
     bits: int | None = None
     requires: RequiresConf = field(default_factory=RequiresConf)
+    # How the config is applied (qsweep.flows): ptq = one-shot quantize_; qat, static, sparsity, pt2e,
+    # eager_dynamic add a step before or after it. Every scheme has the flows' knobs (a grid may set
+    # scheme.qat.steps for all its points); each flow reads its own (qat:, calib:), the others ignore them.
+    flow: str = "ptq"
+    qat: QATConf = field(default_factory=QATConf)
+    calib: CalibConf = field(default_factory=CalibConf)
 
     def __post_init__(self) -> None:
+        from qsweep.flows import FLOWS  # not at import: the flows import this module
+
         _check(self.bits is None or 1 <= self.bits <= 8,
                f"scheme.bits={self.bits} is invalid; valid: 1, 2, 3, 4, 5, 6, 7, 8")
+        _check(self.flow in FLOWS, invalid("scheme.flow", self.flow, list(FLOWS)))
 
 
 @dataclass
@@ -221,6 +269,7 @@ class SearchConf:
     exhaustive: bool = False  # also evaluate every recipe (small spaces) and compare with the search
     max_exhaustive: int = 4096
     max_retry: int = 1  # retries of a trial whose worker died (heartbeat)
+    n_workers: int = 1  # worker processes on the study at once (one per GPU on CUDA): qsweep.search.parallel
 
     def __post_init__(self) -> None:
         self.objective = _member(SearchObjectiveName, self.objective, "search.objective")
@@ -232,6 +281,7 @@ class SearchConf:
         _check(self.n_trials > 0 and self.confirm_top_k >= 0,
                "search.n_trials must be > 0 and search.confirm_top_k >= 0")
         _check(len(self.candidates) >= 2, "search.candidates needs at least two schemes, e.g. [none,int8wo]")
+        _positive("search.n_workers", self.n_workers)
         for pattern in self.groups:
             try:
                 re.compile(pattern)
@@ -427,6 +477,24 @@ def check_tracking_uri(uri: str, write: bool = True) -> None:
             check_writable(Path(path).parent, "the folder of tracking URI")
     elif scheme in ("", "file"):
         check_writable(Path(urlparse(uri).path if scheme else uri), "tracking URI")
+    elif scheme in ("http", "https"):
+        check_server(uri)
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """ConfigError (one line) when nothing answers at a tracking server's URI: otherwise every point would
+    be measured and then fail to record. Any HTTP answer counts (a proxy may not route /health)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(f"tracking server {uri} does not answer ({reason}); start it (`make services`, README "
+                          "\"Scaling out\") or fix tracking.uri / $MLFLOW_TRACKING_URI") from None
 
 
 def load_config(overrides: list[str]) -> tuple[RootConf, DictConfig]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import statistics
@@ -54,10 +55,12 @@ class StageClock:
     counts from there.
     """
 
-    def __init__(self, started: float | None = None):
+    def __init__(self, started: float | None = None, progress_path: str | None = None):
         self.started = time.time() if started is None else started
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self._stack: list[list] = []  # [stage, start of its current slice]
+        # Written at every stage change, so a trial killed by a timeout or a crash still says where it was.
+        self.progress_path = progress_path
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -66,6 +69,7 @@ class StageClock:
             outer = self._stack[-1]
             self.seconds[outer[0]] += now - outer[1]
         self._stack.append([name, now])
+        self._save()
         try:
             yield
         finally:
@@ -74,12 +78,33 @@ class StageClock:
             self.seconds[inner[0]] += now - inner[1]
             if self._stack:
                 self._stack[-1][1] = now
+            self._save()
+
+    def _save(self) -> None:
+        if self.progress_path:
+            stage = self._stack[-1][0] if self._stack else None
+            Path(self.progress_path).write_text(json.dumps({"stage": stage, "started": self.started,
+                                                            **self.metrics()}))
 
     def metrics(self) -> dict[str, float]:
         """`time_<stage>_s` for every stage and `time_total_s` (since `started`)."""
         out = {f"time_{name}_s": s for name, s in self.seconds.items()}
         out["time_total_s"] = time.time() - self.started
         return out
+
+
+def unfinished_stages(progress_path: str) -> tuple[str | None, dict[str, float]]:
+    """What a trial process that died or was killed had done: the stage it was in and its stage times
+    up to now (the time since its last stage change is the stage it was in)."""
+    try:
+        saved = json.loads(Path(progress_path).read_text())
+    except (OSError, ValueError):
+        return None, {}
+    stage = saved.pop("stage", None)
+    saved["time_total_s"] = time.time() - saved.pop("started")
+    if stage:
+        saved[f"time_{stage}_s"] += saved["time_total_s"] - sum(saved[f"time_{s}_s"] for s in STAGES)
+    return stage, saved
 
 
 _NO_CLOCK = StageClock()

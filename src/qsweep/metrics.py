@@ -98,7 +98,8 @@ METRICS: tuple[Metric, ...] = (
     # flows beyond one-shot quantize_ (qsweep.flows; their time is inside time_quantize_s)
     Metric("train_steps", "count", None, "QAT: optimizer steps between prepare and convert (scheme.qat.steps)"),
     Metric("train_s", "s", False, "QAT: wall time of the fine-tuning steps"),
-    Metric("train_loss", "nats", None, "QAT: mean training loss of the last 10 steps"),
+    Metric("train_loss", "loss", None,
+           "QAT: mean training loss of the last 10 steps (cross-entropy in nats; distillation: MSE)"),
     Metric("ptq_accuracy_drop", "ratio", False,
            "QAT: accuracy_drop of its PTQ twin (the same base config, one-shot, untrained): what QAT recovers "
            "is ptq_accuracy_drop - accuracy_drop"),

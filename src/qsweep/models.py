@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,11 @@ class ModelBundle:
     # Inputs of the timed forward, (batch_size, seed) -> CPU inputs; None: make_inputs. LMs time a
     # bench.tokens-long forward while drift and the prefill prompt keep eval.seq_len.
     speed_inputs: Callable[[int, int], tuple[torch.Tensor, ...]] | None = None
+    # Training data seam (QAT fine-tuning, calibration; qsweep.flows): (batch_size, seed) -> an endless
+    # iterator of (CPU inputs, targets) from the model's training data, never its eval split; None: none.
+    train_batches: Callable[[int, int], Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]] | None = None
+    # (outputs, targets) -> scalar training loss; None: cross-entropy of class logits against labels.
+    train_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def timed_inputs(self, batch_size: int, seed: int) -> tuple[torch.Tensor, ...]:
         return (self.speed_inputs or self.make_inputs)(batch_size, seed)
@@ -187,7 +193,20 @@ def digits_mlp(hidden: int = 512, depth: int = 3, epochs: int = 40, cache_dir: s
             predicted = m(x_test.to(device, dtype)).argmax(-1).cpu()
         return {"task_metric": (predicted == y_test).double().mean().item()}
 
-    return ModelBundle(model, make_inputs, evaluate, task_higher_is_better=True, logits=True)
+    def train_batches(batch_size: int, batch_seed: int) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        return shuffled_batches(x_train, y_train, batch_size, batch_seed)
+
+    return ModelBundle(model, make_inputs, evaluate, task_higher_is_better=True, logits=True,
+                       train_batches=train_batches)
+
+
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int
+                     ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Endless ((inputs,), targets) batches of (x, y), reshuffled every epoch; the order is fixed by `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            yield (x[idx],), y[idx]
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:
@@ -267,6 +286,29 @@ def hf_causal_lm(name_or_path: str | None = None, random_init: bool = False, con
     def speed_inputs(batch: int, seed: int) -> tuple[torch.Tensor, ...]:
         return (lm.random_windows(tokens, speed_tokens, batch, seed),)
 
+    def train_batches(batch: int, seed: int) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        # the eval text's training split, loaded on first use (QAT, calibration): hf texts only
+        source = train_text_source(text)
+        train_tokens = lm.tokenize(lm.load_text(source), tok, model.config.get_text_config().vocab_size)
+        for step in itertools.count():
+            ids = lm.random_windows(train_tokens, seq_len, batch, seed + step)
+            yield (ids,), ids
+
     return ModelBundle(model, make_inputs, evaluate, task_higher_is_better=False, logits=True,
+                       train_batches=train_batches if train_text_source(text) else None, train_loss=next_token_loss,
                        drift_outputs=drift_outputs, extra_speed=extra_speed,
                        speed_inputs=speed_inputs if speed_tokens else None)
+
+
+def train_text_source(text: str) -> str | None:
+    """The training split of an `hf:<dataset>[:<config>[:<split>]]` eval text; None for builtin or a local
+    file, which have no split to train on (training on the eval text would leak into perplexity)."""
+    if not text.startswith("hf:"):
+        return None
+    name, config = (text[3:].split(":") + [""])[:2]
+    return f"hf:{name}:{config}:train"
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Causal LM training loss: cross-entropy of each position's logits against the next token (nats)."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

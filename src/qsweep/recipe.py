@@ -27,6 +27,7 @@ import yaml
 
 from qsweep import schemes
 from qsweep.config import ConfigError, first_line
+from qsweep.flows import check_flow
 
 RECIPE_FILE = "recipe.json"  # run artifact of every grid point and search trial
 LEGACY_QUANT_FILE = "quant_spec.json"  # older grid points: the bare torchao spec
@@ -52,10 +53,12 @@ class Recipe:
     hardware: dict  # {device, device_name}
     versions: dict
     created: str
+    # How quant is applied (qsweep.flows.flow_spec: name and knobs, e.g. QAT steps); None = ptq. apply replays it.
+    flow: dict | None = None
 
 
 def measured_recipe(name: str, quant: dict, model: dict, dtype: str, evaluation: dict, metrics: dict[str, float],
-                    source: dict, hardware: dict, versions: dict) -> Recipe:
+                    source: dict, hardware: dict, versions: dict, flow: dict | None = None) -> Recipe:
     """The recipe of one measured config, before any selection (what a run logs as RECIPE_FILE).
 
     Args:
@@ -64,7 +67,7 @@ def measured_recipe(name: str, quant: dict, model: dict, dtype: str, evaluation:
     return Recipe(name=safe_name(name), quant=quant, model=model, dtype=dtype, eval=evaluation,
                   metrics={k: float(v) for k, v in metrics.items()}, selection={}, source=source,
                   hardware=hardware, versions=versions,
-                  created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                  created=datetime.now(timezone.utc).isoformat(timespec="seconds"), flow=flow)
 
 
 def model_section(model: dict) -> dict:
@@ -119,12 +122,14 @@ def load_recipe(path: str | Path) -> Recipe:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"recipe {path} is not a YAML recipe file: {first_line(err)}") from None
     keys = list(Recipe.__dataclass_fields__)
-    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    optional = {"flow"}  # recipes written before flows existed are ptq
+    missing = [k for k in keys if k not in optional and (not isinstance(data, dict) or k not in data)]
     if missing:
         raise ConfigError(f"recipe {path} lacks {', '.join(missing)}")
-    recipe = Recipe(**{k: data[k] for k in keys})
+    recipe = Recipe(**{k: data[k] for k in keys if k in data})
     recipe.name = safe_name(recipe.name)
     schemes.build(recipe.quant)  # raises ConfigError on any class outside the allowlist
+    check_flow(recipe.flow)  # a known flow with known knobs: data, never code
     check_model(recipe.model, path)
     return recipe
 

@@ -14,6 +14,7 @@ the result's traceback.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import faulthandler
 import gc
 import multiprocessing as mp
@@ -34,9 +35,10 @@ from torch import nn
 from qsweep import measure
 from qsweep.accuracy import NonFiniteError, accuracy_metrics, check_metrics
 from qsweep.config import first_line
+from qsweep.flows import FlowSettings, run_flow
 from qsweep.measure import GRAPHED_MODES, forward_call, sync, to_device
 from qsweep.models import ModelBundle, build_model
-from qsweep.schemes import is_per_layer, is_quantized, quantizable_layers, quantize
+from qsweep.schemes import is_per_layer, is_quantized, quantizable_layers
 
 
 @dataclass
@@ -60,6 +62,9 @@ class TrialSpec:
     quantize_filter: str | None = None  # regex on Linear FQNs allowed to be quantized
     reference_path: str | None = None  # baseline outputs; a baseline trial writes them here
     is_baseline: bool = False
+    started: float | None = None  # time.time() when the trial process started (time_total_s); None: now
+    progress_path: str | None = None  # where the trial keeps its stage times (read if it dies)
+    flow: dict | None = None  # how quant is applied (qsweep.flows.flow_spec); None = ptq, one-shot quantize_
 
 
 @dataclass
@@ -79,8 +84,15 @@ class BuilderError(RuntimeError):
 def run_trial(spec: TrialSpec) -> TrialResult:
     """Run one trial in this process. Exceptions become a failed/unsupported result; NaN/Inf outputs
     or metrics are failed (`non-finite outputs: 100% NaN`)."""
+    clock = measure.StageClock(spec.started, spec.progress_path)
+    result = _run_stages(spec, clock)
+    result.metrics.update(clock.metrics())  # a failed trial's times too: what it cost before failing
+    return result
+
+
+def _run_stages(spec: TrialSpec, clock: measure.StageClock) -> TrialResult:
     try:
-        return _measure(spec)
+        return _measure(spec, clock)
     except NonFiniteError as err:
         return TrialResult("failed", str(err))
     except BuilderError as err:
@@ -103,21 +115,24 @@ def _build(spec: TrialSpec) -> ModelBundle:
                            f"{type(err).__name__}: {first_line(err)}") from err
 
 
-def _measure(spec: TrialSpec) -> TrialResult:
+def _measure(spec: TrialSpec, clock: measure.StageClock) -> TrialResult:
     dtype = getattr(torch, spec.dtype)
-    bundle = _build(spec)
-    model = bundle.model.to(dtype)
+    with clock.stage("build"):
+        bundle = _build(spec)
+        model = bundle.model.to(dtype).to(spec.device)
+        sync(spec.device)
     candidates = quantizable_layers(model, spec.quantize_filter)
     metrics: dict[str, float] = {"layers_total": len(candidates)}
     info: dict[str, Any] = {}
     reason = ""
 
-    model = model.to(spec.device)
     if spec.quant is not None:
-        start = time.perf_counter()
-        skipped = quantize(model, spec.quant, candidates)
-        sync(spec.device)
-        metrics["quantize_s"] = time.perf_counter() - start
+        with clock.stage("quantize"):
+            flowed = run_flow(spec.flow, model, bundle, spec.quant, candidates,
+                              FlowSettings(spec.device, dtype, spec.seed))  # ptq, qat, static, ... (qsweep.flows)
+            model, skipped, candidates = flowed.model, flowed.skipped, flowed.layers
+            metrics.update(flowed.metrics)
+            sync(spec.device)
         if not is_per_layer(spec.quant):  # a per-layer recipe leaves layers alone on purpose
             left = {name: skipped.get(name, "not replaced by torchao")
                     for name, m in candidates.items() if not is_quantized(m)}
@@ -126,21 +141,22 @@ def _measure(spec: TrialSpec) -> TrialResult:
                 reason = unquantized_reason(left, len(candidates))
     metrics["layers_quantized"] = sum(is_quantized(m) for m in candidates.values())
     info["quantized_layers"] = [name for name, m in candidates.items() if is_quantized(m)]
-    # Drop quantization temporaries so they do not count towards the trial's memory.
-    gc.collect()
-    if spec.device == "cuda":
-        torch.cuda.empty_cache()
-        metrics["weights_mem_bytes"] = torch.cuda.memory_allocated()
-    else:
-        metrics["weights_mem_bytes"] = measure.tensor_bytes(model.state_dict())
+    with clock.stage("quantize"):  # drop quantization temporaries: they are not the trial's memory
+        gc.collect()
+        if spec.device == "cuda":
+            torch.cuda.empty_cache()
+    with clock.stage("measure"):
+        metrics["weights_mem_bytes"] = (torch.cuda.memory_allocated() if spec.device == "cuda"
+                                        else measure.tensor_bytes(model.state_dict()))
+        metrics["size_bytes"] = measure.model_size_bytes(model)
+        metrics["weight_read_bytes"] = measure.weight_read_bytes(model)
 
-    metrics["size_bytes"] = measure.model_size_bytes(model)
-
-    metrics.update(accuracy_metrics(model, bundle, device=spec.device, dtype=dtype, samples=spec.eval_samples,
-                                    batch_size=spec.eval_batch_size, seed=spec.seed,
-                                    reference_path=spec.reference_path, is_baseline=spec.is_baseline))
+    with clock.stage("eval"):
+        metrics.update(accuracy_metrics(model, bundle, device=spec.device, dtype=dtype, samples=spec.eval_samples,
+                                        batch_size=spec.eval_batch_size, seed=spec.seed,
+                                        reference_path=spec.reference_path, is_baseline=spec.is_baseline))
     check_metrics(metrics)  # before minutes of compile and timing
-    metrics.update(_speed(spec, bundle, model, dtype, info))
+    metrics.update(_speed(spec, bundle, model, dtype, info, clock))
     check_metrics(metrics)
     return TrialResult("ok", reason, metrics, info)
 
@@ -152,49 +168,74 @@ def unquantized_reason(left: dict[str, str], total: int, shown: int = 4) -> str:
     return f"{len(left)} of {total} layers left unquantized: {', '.join(names)}{more}"
 
 
-def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict) -> dict[str, float]:
-    inputs = [to_device(t, spec.device, dtype) for t in bundle.timed_inputs(spec.batch_size, spec.seed)]
-    if spec.compile_cache_dir:  # read by inductor when it compiles, so setting it here is in time
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(spec.compile_cache_dir).resolve())
-    runnable = torch.compile(model, mode=spec.compile_mode) if spec.compile_mode else model
-    call = forward_call(runnable, inputs)
-    start = time.perf_counter()
-    call()  # the first call compiles (and autotunes); keep it out of the latency
-    sync(spec.device)
-    compile_s = time.perf_counter() - start if spec.compile_mode else 0.0
+def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None) -> nn.Module:
+    """torch.compile with static shapes: prefill, decode and the timed forward each compile once for
+    their own shape instead of a dynamic graph after the second shape (`dynamic=False`). Inductor's
+    FX-graph and AOTAutograd caches (on by default) live under `cache_dir`, so a rerun loads compiled
+    graphs instead of compiling them."""
+    if not mode:
+        return model
+    if cache_dir:  # read by inductor when it compiles, so setting it here is in time
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
+    return torch.compile(model, mode=mode, dynamic=False)
 
-    with measure.PeakMemory(spec.device) as peak:
-        call()
+
+def compile_cache_counts() -> dict[str, int]:
+    """Inductor's cache hits and misses so far in this process (FX graph cache, AOTAutograd cache)."""
+    from torch._dynamo.utils import counters
+
+    wanted = ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass")
+    out = {name: counters["inductor"][name] for name in wanted}
+    out.update({k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")})
+    return out
+
+
+def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict,
+           clock: measure.StageClock) -> dict[str, float]:
+    with clock.stage("compile"):  # importing dynamo and wrapping the model: part of compiling
+        runnable = compile_model(model, spec.compile_mode, spec.compile_cache_dir)
+    inputs = [to_device(t, spec.device, dtype) for t in bundle.timed_inputs(spec.batch_size, spec.seed)]
+    call = forward_call(runnable, inputs)
     graphed = spec.compile_mode in GRAPHED_MODES
-    stats = measure.time_call(call, device=spec.device, warmup=spec.warmup, repeats=spec.repeats,
-                              timing=spec.timing, l2_flush=spec.l2_flush, graphed_already=graphed)
-    info.update(timing_mode=stats.mode, peak_mem_kind=peak.kind)
-    if spec.device == "cuda" and spec.timing == "device":
-        # The same calls as a user makes them, launch overhead included: the gap to latency_ms is
-        # the CPU-side cost that CUDA graphs (or reduce-overhead) would remove.
-        e2e = measure.time_call(call, device=spec.device, warmup=spec.warmup, repeats=spec.repeats,
-                                timing="e2e", l2_flush=spec.l2_flush)
-        info["latency_e2e_samples_ms"] = e2e.samples_ms
-        e2e_ms = e2e.median_ms
-    else:
-        e2e_ms = stats.median_ms
+    weights = measure.tensor_bytes(model.state_dict())
+
+    def timer(fn, timing: str = spec.timing) -> measure.LatencyStats:
+        return measure.time_call(fn, device=spec.device, warmup=spec.warmup, repeats=spec.repeats, timing=timing,
+                                 l2_flush=spec.l2_flush, graphed_already=graphed, clock=clock, weights_bytes=weights)
+
+    with clock.stage("compile"):
+        call()  # the first call compiles (and autotunes); keep it out of the memory peak and latency
+        sync(spec.device)
+    with clock.stage("measure"):
+        with measure.PeakMemory(spec.device) as peak:
+            call()
+        stats = timer(call)
+        info.update(timing_mode=stats.mode, peak_mem_kind=peak.kind)
+        if spec.device == "cuda" and spec.timing == "device":
+            # The same calls as a user makes them, launch overhead included: the gap to latency_ms is
+            # the CPU-side cost that CUDA graphs (or reduce-overhead) would remove.
+            e2e = timer(call, timing="e2e")
+            info["latency_e2e_samples_ms"] = e2e.samples_ms
+            e2e_ms = e2e.median_ms
+        else:
+            e2e_ms = stats.median_ms
     info["latency_samples_ms"] = stats.samples_ms
     metrics = {
         "latency_ms": stats.median_ms, "latency_ms_p10": stats.p10_ms, "latency_ms_p90": stats.p90_ms,
         "latency_cv": stats.cv, "throughput": spec.batch_size / (stats.median_ms / 1e3),
-        "latency_e2e_ms": e2e_ms, "compile_s": compile_s, "peak_mem_bytes": peak.peak_bytes,
+        "latency_e2e_ms": e2e_ms, "peak_mem_bytes": peak.peak_bytes,
         "activation_peak_bytes": peak.activation_bytes,
     }
     if peak.peak_reserved_bytes is not None:
         metrics["peak_mem_reserved_bytes"] = peak.peak_reserved_bytes
     if bundle.extra_speed:
-        def timer(fn):
-            return measure.time_call(fn, device=spec.device, warmup=spec.warmup, repeats=spec.repeats,
-                                     timing=spec.timing, l2_flush=spec.l2_flush, graphed_already=graphed)
 
         prompt = tuple(inputs) if bundle.speed_inputs is None else tuple(  # the timed inputs are the prompt
             to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed))
-        metrics.update(bundle.extra_speed(runnable, prompt, timer, info))
+        with clock.stage("measure"):
+            metrics.update(bundle.extra_speed(runnable, prompt, timer, info))
+    if spec.compile_mode:
+        info["compile_cache"] = compile_cache_counts()
     return metrics
 
 
@@ -206,6 +247,9 @@ _CONTEXT: mp.context.BaseContext | None = None
 def _context() -> mp.context.BaseContext:
     global _CONTEXT  # one fork server per parent process, started on first use
     if _CONTEXT is None:
+        if mp.get_start_method(allow_none=True) not in (None, *mp.get_all_start_methods()):
+            # A joblib (loky) worker's default is `loky`, which a trial child could not set up again.
+            mp.set_start_method("spawn", force=True)
         _CONTEXT = mp.get_context("forkserver")
         # Not torchao: importing it queries the GPU, and a CUDA context in the fork server would make
         # every forked trial fail with "Cannot re-initialize CUDA in forked subprocess".
@@ -218,7 +262,11 @@ STDERR_TAIL_LINES = 100
 STDERR_TAIL_BYTES = 256 * 1024
 
 
-def _child(spec: TrialSpec, conn, stderr_path: str, timeout_s: float) -> None:
+def _child(spec: TrialSpec, conn, stderr_path: str, timeout_s: float, env: dict[str, str] | None = None) -> None:
+    started = time.time()  # the trial process's own start: time_total_s counts from here
+    # Before anything touches CUDA: CUDA_VISIBLE_DEVICES pins the trial to its GPU (qsweep.gpus). The
+    # fork server's environment is the one it started with, so the parent's later changes never get here.
+    os.environ.update(env or {})
     # Everything written to fd 2 (Python tracebacks, C++ abort messages, faulthandler) goes to a file
     # the parent reads even when this process dies without a word; the parent relays it to its stderr.
     fd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND)
@@ -228,7 +276,7 @@ def _child(spec: TrialSpec, conn, stderr_path: str, timeout_s: float) -> None:
     faulthandler.enable(all_threads=True)  # SIGSEGV/SIGABRT/SIGBUS/SIGFPE/SIGILL: the Python stack
     # Where it hung, written just before the parent's timeout kills it with SIGKILL (no handler runs).
     faulthandler.dump_traceback_later(max(timeout_s - 2.0, 0.9 * timeout_s), exit=False)
-    result = run_trial(spec)
+    result = run_trial(dataclasses.replace(spec, started=started))
     faulthandler.cancel_dump_traceback_later()
     conn.send(result)
     conn.close()
@@ -283,15 +331,19 @@ def death_reason(exitcode: int | None) -> str:
     return f"trial process exited with exit code {exitcode} before sending a result"
 
 
-def run_isolated(spec: TrialSpec, timeout_s: float) -> TrialResult:
+def run_isolated(spec: TrialSpec, timeout_s: float, env: dict[str, str] | None = None) -> TrialResult:
     """Run a trial in a fresh child process; a timeout, crash or OOM kill becomes a failed result whose
-    reason names the signal or exit code and whose traceback is the child's last stderr lines."""
+    reason names the signal or exit code and whose traceback is the child's last stderr lines. `env` is
+    set in the child before it starts (e.g. CUDA_VISIBLE_DEVICES)."""
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
     fd, stderr_path = tempfile.mkstemp(prefix="qsweep-trial-", suffix=".stderr")
     os.close(fd)
+    fd, progress_path = tempfile.mkstemp(prefix="qsweep-trial-", suffix=".stages.json")
+    os.close(fd)
+    spec = dataclasses.replace(spec, progress_path=progress_path)
     relay = _StderrRelay(stderr_path)
-    proc = ctx.Process(target=_child, args=(spec, send, stderr_path, timeout_s), daemon=True)
+    proc = ctx.Process(target=_child, args=(spec, send, stderr_path, timeout_s, env), daemon=True)
     result, timed_out = None, False
     proc.start()
     send.close()
@@ -310,9 +362,12 @@ def run_isolated(spec: TrialSpec, timeout_s: float) -> TrialResult:
         proc.join()
         tail = relay.finish()
         os.unlink(stderr_path)
+        stage, times = measure.unfinished_stages(progress_path)
+        os.unlink(progress_path)
     if result is not None:
         return result
+    where = f" during {stage}" if stage else ""
     if timed_out:
-        return TrialResult("failed", f"timeout: trial ran longer than {timeout_s:g} s (bench.timeout_s)",
-                           traceback=tail or None)
-    return TrialResult("failed", death_reason(proc.exitcode), traceback=tail or None)
+        return TrialResult("failed", f"timeout: trial ran longer than {timeout_s:g} s (bench.timeout_s){where}",
+                           metrics=times, traceback=tail or None)
+    return TrialResult("failed", death_reason(proc.exitcode) + where, metrics=times, traceback=tail or None)

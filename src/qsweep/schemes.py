@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import importlib.util
 import re
 import typing
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from torch import nn
 
 from qsweep.config import ConfigError, GranularityConf, SchemeConf, first_line
 
-ALLOWED_MODULES = ("torchao.quantization",)
+ALLOWED_MODULES = ("torchao.quantization", "torchao.sparsity")  # sparsity: SemiSparseWeightConfig
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,10 @@ def unsupported_reason(scheme: SchemeConf, hw: Hardware, dtype: str, batch_size:
         return f"{scheme.name} needs dtype {'|'.join(req.dtypes)}; got {dtype}"
     if req.cuda_min_batch and hw.device == "cuda" and batch_size < req.cuda_min_batch:
         return f"{scheme.name} on CUDA needs batch rows >= {req.cuda_min_batch}; got {batch_size}"
+    missing = [name for name in req.packages or [] if importlib.util.find_spec(name) is None]
+    if missing:
+        return (f"{scheme.name} needs the {', '.join(missing)} package (kernels; pip install 'qsweep[gpu]', "
+                "built for this torch); not installed")
     if req.cuda_max_batch and hw.device == "cuda" and batch_size > req.cuda_max_batch:
         return (f"{scheme.name} on CUDA is a small-batch kernel: above {req.cuda_max_batch} rows it falls off "
                 f"a cliff (measured below 0.01x of bf16 at 256 rows on an H100); got {batch_size}")
@@ -218,7 +223,7 @@ def quantize(model: nn.Module, quant: dict, candidates: dict[str, nn.Linear]) ->
 
 def is_per_layer(quant: dict) -> bool:
     """A per-layer recipe (FqnToConfig) rather than one scheme for every candidate."""
-    return quant["_target_"].endswith("FqnToConfig")
+    return str(quant.get("_target_", "")).endswith("FqnToConfig")  # pt2e's quantizer settings have no _target_
 
 
 def group_size_of(spec: Any) -> int | None:
@@ -234,13 +239,21 @@ def group_size_of(spec: Any) -> int | None:
 
 
 def is_quantized(layer: nn.Linear) -> bool:
-    """torchao replaced the layer's weight with one of its tensor subclasses."""
+    """torchao replaced the layer's weight with one of its tensor subclasses, or a flow replaced the whole
+    layer (`qsweep.flows.base.Replaced`: a torch.ao quantized module, quantized ops in an exported graph)."""
+    if getattr(layer, "qsweep_replaced", False):
+        return True
     return type(layer.weight.data) is not torch.Tensor
 
 
 def describe(spec: dict | None) -> str:
     """Short human name of a built config, e.g. `IntxWeightOnlyConfig(weight_dtype=torch.int2, ...)`."""
-    return "none" if spec is None else repr(build(spec))
+    if spec is None:
+        return "none"
+    built = build(spec)
+    if type(built).__repr__ is object.__repr__:  # not a dataclass (SemiSparseWeightConfig): no address in a param
+        return f"{type(built).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(built).items())})"
+    return repr(built)
 
 
 def _plain(node: Any) -> Any:

@@ -236,8 +236,8 @@ def _context(model: dict, evaluation: dict, seed: int) -> tuple[dict, dict]:
 
 
 def build_recipe(selection: Selection, sel: SelectConf, experiment: str, quant: dict, model: dict,
-                 evaluation: dict, name: str) -> Recipe:
-    """A recipe from a selection (pure: no I/O)."""
+                 evaluation: dict, name: str, flow: dict | None = None) -> Recipe:
+    """A recipe from a selection (pure: no I/O); `flow` is the run's (qsweep.flows), None for ptq."""
     run = selection.run
     metrics = {m.name: float(run[m.name]) for m in METRICS if pd.notna(run.get(m.name))}
     table = selection.table
@@ -253,7 +253,7 @@ def build_recipe(selection: Selection, sel: SelectConf, experiment: str, quant: 
         source={"experiment": experiment, "run_id": run["run_id"], "run_name": run["run"], "kind": run["kind"]},
         hardware={"device": str(run["device"]), "device_name": str(run.get("device_name", ""))},
         versions={"torch": str(run.get("torch", "")), "torchao": str(run.get("torchao", ""))},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), flow=flow)
 
 
 # ---------------------------------------------------------------- commands
@@ -278,7 +278,7 @@ def select_command(args: list[str]) -> int:
         model, evaluation = run_context(client, frame, selection.run, root)
     quant = stored["quant"]
     name = safe_name(sel.name or experiment)
-    recipe = build_recipe(selection, sel, experiment, quant, model, evaluation, name)
+    recipe = build_recipe(selection, sel, experiment, quant, model, evaluation, name, stored.get("flow"))
     file_name = f"{name}.yaml" if selection.feasible else f"{name}.best-effort.yaml"
     path = export_recipe(recipe, Path(root.output_dir) / "recipes" / file_name)
     if selection.feasible:

@@ -27,9 +27,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from qsweep import schemes
+from qsweep import gpus, schemes
 from qsweep.config import ConfigError, RootConf, first_line, mlflow_uri
+from qsweep.flows import flow_spec
 from qsweep.identity import model_identity, stable_hash
+from qsweep.measure import STAGES
 from qsweep.metrics import STATUSES
 from qsweep.recipe import RECIPE_FILE, Recipe, eval_section, measured_recipe, model_section, to_json
 from qsweep.runner import TrialResult, TrialSpec, run_isolated, run_trial
@@ -61,14 +63,16 @@ from qsweep.tracking import (
 # hydra.run.dir / hydra.sweep.dir end in the process id: two sweeps started in the same second get
 # their own folders (their own plan, records and results table).
 if not OmegaConf.has_resolver("qsweep.pid"):
-    OmegaConf.register_new_resolver("qsweep.pid", os.getpid)
+    # Cached: a launcher's jobs in other processes (joblib, submitit) resolve it to the sweep's folder.
+    OmegaConf.register_new_resolver("qsweep.pid", os.getpid, use_cache=True)
 
 RECORDS_FILE = "records.jsonl"
 PLAN_FILE = "plan.json"
+STAGE_TIMES_FILE = "stage_times.jsonl"  # every trial a sweep ran (baselines too) with its time per stage
 PARENTS_FILE = "parents.json"  # experiment -> {"uri", "run_id"} of this sweep's parent run there
 TRIAL_INFO_TAGS = ("timing_mode", "peak_mem_kind", "prefill_timing_mode", "decode_timing_mode", "kv_cache")
-TABLE_COLUMNS = ["model", "run", "status", "speedup", "latency_ms", "latency_cv", "size_ratio", "drift_sqnr_db",
-                 "drift_cosine", "accuracy_drop", "layers_quantized", "layers_total", "peak_mem_bytes",
+TABLE_COLUMNS = ["model", "run", "flow", "status", "speedup", "latency_ms", "latency_cv", "size_ratio", "drift_sqnr_db",
+                 "drift_cosine", "accuracy_drop", "ptq_accuracy_drop", "layers_quantized", "layers_total", "peak_mem_bytes",
                  "activation_peak_bytes", "reason"]
 
 
@@ -96,7 +100,8 @@ def run_name(root: RootConf) -> str:
     if root.scheme.config is None:
         return f"{root.model.name}/none-{root.compile.name}"
     gran = f"g{root.group_size}" if root.granularity.name == "per_group" else root.granularity.name
-    return f"{root.model.name}/{root.scheme.name}-{gran}-{root.compile.name}"
+    head = "-lm_head" if root.model.lm_head == "quantize" else ""
+    return f"{root.model.name}/{root.scheme.name}-{gran}{head}-{root.compile.name}"
 
 
 # ---------------------------------------------------------------- model identity
@@ -112,16 +117,23 @@ class Point:
         self.resolved_yaml = resolved_yaml
         bench = {k: v for k, v in vars(root.bench).items() if k != "timeout_s"}
         # What makes two measurements comparable: same model, inputs, hardware, software, harness.
-        self.context = {"model": vars(root.model), "model_identity": model_identity(dict(root.model.builder)),
+        # Which layers get quantized is part of the quant config, not of the context: one baseline for both.
+        model = {k: v for k, v in vars(root.model).items() if k not in ("quantize_filter", "lm_head")}
+        self.context = {"model": model, "model_identity": model_identity(dict(root.model.builder)),
                         "compile": root.compile.mode, "bench": bench,
                         "eval": vars(root.eval), "device": self.device, "dtype": self.dtype,
                         "hardware": self.hw.name, "seed": root.seed, **versions()}
         self.name = run_name(root)
+        self.flow = flow_spec(root.scheme)  # None for ptq: a PTQ point hashes as it did before flows
+        flow = {"flow": self.flow} if self.flow else {}
         self.point_key = stable_hash({**self.context, "scheme": root.scheme.name, "config": root.scheme.config,
-                                "granularity": root.granularity.name, "group_size": root.group_size})
+                                      "granularity": root.granularity.name, "group_size": root.group_size,
+                                      "layers": root.model.quantize_filter, **flow})
         self.skip = schemes.skip_reason(root.scheme, root.granularity, root.group_size)
         self.quant = None if self.skip else schemes.quant_spec(root.scheme, root.granularity, root.group_size)
-        self.config_key = stable_hash({**self.context, "quant": self.quant})
+        # A baseline quantizes no layer: its key is the baseline key, whatever the filter says.
+        layers = {"layers": root.model.quantize_filter} if self.quant is not None else {}
+        self.config_key = stable_hash({**self.context, "quant": self.quant, **layers, **flow})
         self.baseline_key = stable_hash({**self.context, "quant": None})
 
     def recipe(self, metrics: dict[str, float]) -> Recipe:
@@ -131,7 +143,7 @@ class Point:
             self.name, self.quant, model_section(dataclasses.asdict(r.model)), self.dtype,
             eval_section(dataclasses.asdict(r.eval), r.seed), metrics,
             source={"experiment": r.tracking.experiment, "run_name": self.name, "kind": "grid"},
-            hardware={"device": self.device, "device_name": self.hw.name}, versions=versions())
+            hardware={"device": self.device, "device_name": self.hw.name}, versions=versions(), flow=self.flow)
 
     @property
     def timing(self) -> str:
@@ -144,8 +156,9 @@ class Point:
         return {"model": r.model.name, "scheme": r.scheme.name, "granularity": r.granularity.name,
                 "group_size": r.group_size, "compile": r.compile.name, "dtype": self.dtype,
                 "device": self.device, "device_name": self.hw.name, "batch_size": r.bench.batch_size,
-                "timing": self.timing, "bits": r.scheme.bits, "torchao_config": schemes.describe(self.quant)
-                if self.quant else "none", **versions()}
+                "timing": self.timing, "bits": r.scheme.bits, "flow": r.scheme.flow if r.scheme.config else "none",
+                "torchao_config": schemes.describe(self.quant)
+                if self.quant else "none", **({"lm_head": r.model.lm_head} if r.model.lm_head else {}), **versions()}
 
     def tags(self) -> dict[str, str]:
         return {POINT_TAG: self.point_key, CONFIG_TAG: self.config_key, BASELINE_TAG: self.baseline_key,
@@ -160,7 +173,7 @@ class Point:
             repeats=r.bench.repeats, timing=self.timing, l2_flush=r.bench.l2_flush,
             eval_samples=r.eval.n_samples, eval_batch_size=r.eval.batch_size, seed=r.seed,
             quantize_filter=r.model.quantize_filter, reference_path=str(reference_path),
-            is_baseline=is_baseline)
+            is_baseline=is_baseline, flow=None if quant is None else self.flow)
 
 
 def run_point(root: RootConf, resolved_yaml: str = "", progress: str = "") -> PointRecord:
@@ -319,18 +332,23 @@ def _run(point: Point, quant: dict | None, reference: Path, is_baseline: bool) -
     the epoch, MLflow's clock): the point's run spans the trial, not the moment it was written."""
     spec = point.spec(quant, reference, is_baseline)
     results = []
-    started = now_ms()
-    for _ in range(max(1, point.root.bench.processes)):
-        result = run_isolated(spec, point.root.bench.timeout_s) if point.root.isolate else run_trial(spec)
-        if result.status != OK:
-            return result, (started, now_ms())
-        results.append(result)
+    # On CUDA a free GPU is claimed for the trial, which sees only it (qsweep.gpus): one trial per GPU.
+    with gpus.trial_device(point.device, point.root.isolate, f"{point.name}: waiting for a free GPU") as (env, gpu):
+        started = now_ms()
+        for _ in range(max(1, point.root.bench.processes)):
+            result = run_isolated(spec, point.root.bench.timeout_s, env) if point.root.isolate else run_trial(spec)
+            note_stage_times(point.name, result)
+            if gpu is not None:
+                result.info["device_index"] = gpu
+            if result.status != OK:
+                return result, (started, now_ms())
+            results.append(result)
     return combine_measurements(results), (started, now_ms())
 
 
 # Speed metrics that differ between independent measurements of one point; the rest (drift, size) do not.
 SPEED_METRICS = ("latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_e2e_ms", "throughput",
-                 "prefill_tok_s", "decode_tok_s", "compile_s")
+                 "prefill_tok_s", "decode_tok_s", "time_compile_s")
 
 
 def combine_measurements(results: list[TrialResult]) -> TrialResult:
@@ -367,13 +385,16 @@ def _record(point: Point, tracker: Tracker, status: str, reason: str, metrics: d
         noisy = noise_flag(metrics, baseline_metrics, point.root.bench.max_cv)
         if noisy:
             tags[NOISY_TAG] = noisy
+    params = point.params()
+    if result is not None and "device_index" in result.info:  # the GPU the trial ran on (qsweep.gpus)
+        params["device_index"] = result.info["device_index"]
     try:
         start_ms, end_ms = window or (None, None)
-        run_id = tracker.record(point.name, status, reason, point.params(), metrics, tags, texts,
+        run_id = tracker.record(point.name, status, reason, params, metrics, tags, texts,
                                 start_ms=start_ms, end_ms=end_ms)
     except RecordError as err:  # that point failed, not the sweep
-        return PointRecord(point.name, FAILED, err.reason, point.params(), metrics, err.run_id)
-    return PointRecord(point.name, status, reason, point.params(), metrics, run_id)
+        return PointRecord(point.name, FAILED, err.reason, params, metrics, err.run_id)
+    return PointRecord(point.name, status, reason, params, metrics, run_id)
 
 
 NOISE_METRICS = ("latency_cv", "latency_spread")
@@ -463,7 +484,47 @@ def print_summary(records: list[PointRecord], directory: Path) -> dict[str, int]
               .to_string(index=False))
     print(f"\n{describe_counts(records, counts)}")
     print(f"results table: {directory / RESULTS_FILE}")
+    stages = describe_stage_times(directory)
+    if stages:
+        print(stages)
     return counts
+
+
+def note_stage_times(run: str, result: TrialResult) -> None:
+    """Append a trial's stage times to its sweep's STAGE_TIMES_FILE (reused points cost nothing: not there)."""
+    if _SWEEP is None:
+        return
+    times = {k: v for k, v in result.metrics.items() if k.startswith("time_")}
+    with open(_SWEEP.directory / STAGE_TIMES_FILE, "a") as f:
+        f.write(json.dumps({"run": run, "status": result.status, **times}) + "\n")
+
+
+def stage_totals(directory: Path) -> dict[str, float]:
+    """Seconds per stage summed over the trials a sweep ran, with `trials` (their count), `total` (their
+    time_total_s) and `wall` (the sweep's wall time so far)."""
+    path = directory / STAGE_TIMES_FILE
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    totals = {stage: sum(r.get(f"time_{stage}_s", 0.0) for r in rows) for stage in STAGES}
+    totals.update(trials=len(rows), total=sum(r.get("time_total_s", 0.0) for r in rows))
+    plan = directory / PLAN_FILE
+    if plan.exists() and "started_ms" in (started := json.loads(plan.read_text())):
+        totals["wall"] = time.time() - started["started_ms"] / 1000
+    return totals
+
+
+def describe_stage_times(directory: Path) -> str:
+    """`time by stage over 12 trials: build 30 s (5%) · ... · other 2 s (0%); trials 600 s, sweep wall time 640 s`."""
+    totals = stage_totals(directory)
+    if not totals.get("trials"):
+        return ""
+    total = totals["total"] or 1e-9
+    other = total - sum(totals[s] for s in STAGES)
+    parts = [f"{s} {totals[s]:.0f} s ({totals[s] / total:.0%})" for s in STAGES] + [f"other {other:.0f} s ({other / total:.0%})"]
+    wall = f", sweep wall time {totals['wall']:.0f} s" if "wall" in totals else ""
+    return (f"time by stage over {totals['trials']} trials: " + " · ".join(parts)
+            + f"; trials {totals['total']:.0f} s{wall} ({directory / STAGE_TIMES_FILE})")
 
 
 class SummaryCallback(Callback):
@@ -482,7 +543,8 @@ class SummaryCallback(Callback):
         grid = expand_grid(overrides)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        plan = {"total": len(grid), "grid": " ".join(overrides), "key": grid_key(grid), "writer": writer_id()}
+        plan = {"total": len(grid), "grid": " ".join(overrides), "key": grid_key(grid), "writer": writer_id(),
+                "started_ms": _SWEEP_STARTED_MS}
         (sweep_dir / PLAN_FILE).write_text(json.dumps(plan))
         _join_sweep(sweep_dir)
         print(f"qsweep: {len(grid)} grid points -> {sweep_dir}", flush=True)
@@ -536,9 +598,13 @@ _SWEEP: SweepRun | None = None
 
 
 def _join_sweep(directory: Path) -> None:
-    global _SWEEP
+    global _SWEEP, _SWEEP_STARTED_MS
     path = directory / PLAN_FILE
     _SWEEP = SweepRun(directory, json.loads(path.read_text())) if path.exists() else None
+    if _SWEEP is not None and "started_ms" in _SWEEP.plan:  # a launcher's job in another process: the sweep's start
+        if _SWEEP.plan["started_ms"] != _SWEEP_STARTED_MS:  # a launcher's worker kept from an earlier sweep
+            _SWEEP_BASELINES.clear()
+        _SWEEP_STARTED_MS = _SWEEP.plan["started_ms"]
 
 
 def grid_key(grid: list[list[str]]) -> str:

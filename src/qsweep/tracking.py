@@ -38,6 +38,8 @@ from qsweep.metrics import BY_NAME, METRICS, STATUSES, only_metrics
 
 # MLflow's SQLite store logs its schema migrations at INFO on every new store.
 logging.getLogger("alembic").setLevel(logging.WARNING)
+# With a tracking server MLflow prints two links for every run it ends: a sweep prints its own progress.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 # ---------------------------------------------------------------- names
 
@@ -91,7 +93,7 @@ class PointRecord:
     experiment: str | None = None
 
     def row(self) -> dict[str, Any]:
-        return {"model": self.params.get("model"), "run": self.run_name,
+        return {"model": self.params.get("model"), "run": self.run_name, "flow": self.params.get("flow"),
                 "status": self.status + (" (reused)" if self.reused else ""), **self.metrics, "reason": self.reason,
                 "run_id": self.run_id}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from qsweep.objectives import SEARCH_OBJECTIVES
 from qsweep.recipe import to_json
 from qsweep.search.confirm import confirm, measured_verdict
 from qsweep.search.evaluate import CostModel, Evaluator
+from qsweep.search.parallel import WORKER_ENV, coordinator_run, run_worker, run_workers
 from qsweep.search.space import NONE, Candidate, build_space, recipe_key, resolve_candidates
 from qsweep.search.study import (
     Setup,
@@ -100,7 +102,8 @@ def prepare(root: RootConf, overrides: list[str]) -> Setup:
     out_dir = Path(root.output_dir) / "search" / study
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(mlflow_uri(root), root.tracking.experiment)
-    parent = _parent_run(tracker, root, point, study)
+    # A parallel worker nests its trials under its coordinator's run (qsweep.search.parallel).
+    parent = coordinator_run(tracker, study) if os.environ.get(WORKER_ENV) else _parent_run(tracker, root, point, study)
     budget = root.search.max_drift
     return Setup(root, point, ev, space, cands, cost, study, default_storage(root), out_dir, tracker, parent, budget)
 
@@ -132,7 +135,7 @@ def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, 
     started = time.perf_counter()
     setup = prepare(root, overrides or [])
     try:
-        result = _search(setup, started)
+        result = _search(setup, started, overrides or [])
     except BaseException as err:  # an interrupt too: a parent left RUNNING would look half-written
         reason = f"{type(err).__name__}: {first_line(err)[:500]}" if str(err) else type(err).__name__
         with contextlib.suppress(Exception):  # the search's own error is the one to report
@@ -144,7 +147,7 @@ def run_search(root: RootConf, overrides: list[str] | None = None) -> dict[str, 
     return result
 
 
-def _search(setup: Setup, started: float) -> dict[str, Any]:
+def _search(setup: Setup, started: float, overrides: list[str] | None = None) -> dict[str, Any]:
     root = setup.root
     s, space = root.search, setup.space
     probe = setup.ev.measure(None)
@@ -166,7 +169,8 @@ def _search(setup: Setup, started: float) -> dict[str, Any]:
         seeds += greedy_seeds(table, space, [b * setup.drift_budget for b in s.seed_budgets])
     seeds = list({recipe_key(x): x for x in seeds}.values())
 
-    study, new, trials_s = run_trials(setup, seeds)
+    study, new, trials_s = (run_workers(setup, seeds, overrides or []) if s.n_workers > 1
+                            else run_trials(setup, seeds))
     trials = trials_table(study, setup)
     trials.to_csv(setup.out_dir / "trials.csv", index=False)
     best, front = best_rows(trials), pareto_front(trials)
@@ -300,5 +304,7 @@ def _print_result(result: dict[str, Any], confirmed: pd.DataFrame, s) -> None:
 def search_command(args: list[str]) -> int:
     """`qsweep search [overrides]`: run or resume a per-layer search; 0 when a recipe met the budget."""
     root, _ = load_config(list(args))
+    if os.environ.get(WORKER_ENV):  # started by a coordinator with search.n_workers > 1: trials only
+        return run_worker(root, list(args))
     result = run_search(root, list(args))
     return 0 if result["best"] else 1

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from qsweep import measure
+from qsweep import gpus, measure
 from qsweep.measure import GRAPHED_MODES, forward_call, to_device
 from qsweep.objectives import SEARCH_OBJECTIVES
 from qsweep.runner import run_isolated, run_trial
@@ -38,7 +38,8 @@ def confirm(setup: Setup, rows: pd.DataFrame) -> pd.DataFrame:
         assignment = json.loads(r.recipe)
         spec = point.spec(recipe_spec(assignment, setup.space, list(setup.cands.values())),
                           reference_path(point), is_baseline=False)
-        result = (run_isolated(spec, setup.root.bench.timeout_s) if setup.root.isolate else run_trial(spec))
+        with gpus.trial_device(point.device, setup.root.isolate) as (env, _):  # alone on a free GPU
+            result = (run_isolated(spec, setup.root.bench.timeout_s, env) if setup.root.isolate else run_trial(spec))
         if result.status == "ok":
             result.metrics.update(relative_to_baseline(result.metrics, baseline.metrics))
             result.metrics["predicted_speedup"] = r.predicted_speedup

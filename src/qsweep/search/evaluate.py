@@ -61,7 +61,7 @@ class Evaluator:
         start = time.perf_counter()
         if quant is not None:
             quantize(model, quant, layers)
-        metrics = {"quantize_s": time.perf_counter() - start, "layers_total": len(layers),
+        metrics = {"time_quantize_s": time.perf_counter() - start, "layers_total": len(layers),
                    "layers_quantized": sum(is_quantized(m) for m in layers.values())}
         size = measure.model_size_bytes(model)
         metrics.update(size_bytes=size, size_ratio=self.base_size / size)

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import time
 import traceback
 import warnings
@@ -23,6 +24,7 @@ from qsweep.objectives import SEARCH_OBJECTIVES
 from qsweep.objectives import pareto_front as pareto_mask
 from qsweep.recipe import RECIPE_FILE, Recipe, safe_name, to_json
 from qsweep.search.evaluate import CostModel, Evaluator
+from qsweep.search.parallel import WORKER_ENV, optuna_storage
 from qsweep.search.space import NONE, Candidate, Space, counts, recipe_key, recipe_spec
 from qsweep.sweep import Point
 from qsweep.tracking import Tracker
@@ -173,12 +175,14 @@ def open_study(setup: Setup):
     import optuna
 
     s = setup.root.search
+    storage = optuna_storage(setup.storage, s.max_retry)  # RDB with heartbeats, or a journal file
+    # Parallel workers (qsweep.search.parallel) each seed their own sampler, or they would all draw the same
+    # recipes; the constant liar keeps TPE off the recipes other workers are evaluating now.
+    worker = os.environ.get(WORKER_ENV)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            setup.storage, heartbeat_interval=60, grace_period=180,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=s.max_retry))
-        sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=10)
+        sampler = optuna.samplers.TPESampler(seed=s.seed + int(worker or 0), multivariate=True, n_startup_trials=10,
+                                             **({"constant_liar": True} if worker is not None else {}))
     directions = ["maximize", "minimize"] if s.pareto else ["maximize"]
     return optuna.create_study(storage=storage, sampler=sampler, study_name=setup.study_name,
                                directions=directions, load_if_exists=True)
