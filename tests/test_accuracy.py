@@ -74,7 +74,7 @@ def test_tiny_lm_sweep_logs_perplexity_kl_top1_and_tokens_per_s(compose):
 
 def test_lm_head_is_quantized_only_on_request(compose):
     lm = ["model=tiny_llama", "eval.seq_len=16", "eval.n_samples=4", "eval.batch_size=4", "bench.batch_size=1",
-          "scheme=int8wo", "granularity=per_row", "model.quantize_filter=null"]
+          "scheme=int8wo", "granularity=per_row", "model.lm_head=quantize"]
     m = _metrics(compose, *lm)
     assert m["layers_quantized"] == m["layers_total"] == 15
 

@@ -43,7 +43,7 @@ def test_lm_presets_have_the_published_shapes_and_skip_lm_head(compose, preset, 
     assert sum(p.numel() for p in model.parameters()) == params
     chosen = quantizable_layers(model, root.model.quantize_filter)
     assert len(chosen) == linears and "lm_head" not in chosen
-    assert "lm_head" in quantizable_layers(model, None)  # opt-in: model.quantize_filter=null
+    assert "lm_head" in quantizable_layers(model, None)  # opt-in: model.lm_head=quantize (no filter)
 
 
 @pytest.fixture(scope="module")
