@@ -10,7 +10,7 @@
 set -u
 out=${1:?usage: flows_gpu.sh OUT_DIR}
 mkdir -p "$out"
-work="$out/flows"
+work=outputs/flows_gpu  # not under OUT: the compile cache and artifacts are thousands of files
 export PYTHONUNBUFFERED=1
 exec > >(tee "$out/flows_gpu.log") 2>&1
 python3 -c "import torch, torchao; print('torch', torch.__version__, 'torchao', torchao.__version__,
