@@ -18,7 +18,7 @@ for stage in ${*:-timer profile}; do
   echo "=== $stage $(date -u +%FT%TZ)"
   start=$(date +%s)
   case $stage in
-    timer) timeout 420 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -25 ;;
+    timer) timeout 420 python3 -m pytest -q -s -m gpu tests/test_gpu.py > "$out/timer.log" 2>&1; grep "^|\|passed\|failed" "$out/timer.log" ;;
     profile) timeout 560 bash -c "$(declare -f run); run +sweep=llama8b +point=llama8b-none,llama8b-int4wo-g64 bench.batch_size=1 compile=default" ;;
     warm) timeout 560 bash -c "$(declare -f run); run +sweep=llama8b +point=llama8b-none,llama8b-int4wo-g64 bench.batch_size=1 compile=default force=true" ;;
     int4) timeout 560 bash -c "$(declare -f run); run +sweep=llama8b_int4 tracking.experiment=llama8b ${INT4_ARGS:-}" ;;

@@ -94,6 +94,9 @@ def test_latency_agrees_with_triton_do_bench_cudagraph(compose):
         assert record.status == "ok", record.reason
         ours[scheme] = record.metrics["latency_ms"]
         theirs[scheme] = independent_latency_ms(compose, scheme, granularity)
+        # the agreement table of benchmarks/results (pytest -s shows it)
+        print(f"| {scheme} | {ours[scheme]:.4f} | {theirs[scheme]:.4f} | {ours[scheme] / theirs[scheme] - 1:+.2%} |")
         assert abs(ours[scheme] / theirs[scheme] - 1) <= 0.03, (scheme, ours[scheme], theirs[scheme])
     speedup, reference = ours["none"] / ours["int4wo"], theirs["none"] / theirs["int4wo"]
+    print(f"| int4wo speedup | {speedup:.3f} | {reference:.3f} | {speedup / reference - 1:+.2%} |")
     assert abs(speedup / reference - 1) <= 0.03, (speedup, reference)
