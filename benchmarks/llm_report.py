@@ -14,14 +14,11 @@ import datetime as dt
 from pathlib import Path
 
 import pandas as pd
+from run_benchmark import PUBLISHED_TOK_S  # benchmarks/ is this script's folder, first on sys.path
 
 from qsweep.measure import STAGES
 from qsweep.tracking import load_runs
 
-# torchao's published Llama-3.1-8B decode figures on an H100 (tokens/s, batch 1, compiled; torchao README).
-PUBLISHED_TOK_S = {"none": 126.9, "int8wo": 198.9, "int4wo": 241.4, "float8wo": 178.5, "float8dq": 154.6}
-PUBLISHED_LABEL = {"none": "bf16", "int8wo": "int8wo", "int4wo": "int4wo-64", "float8wo": "float8wo",
-                   "float8dq": "float8dq per-row"}
 STAGE_COLUMNS = [f"time_{s}_s" for s in STAGES] + ["time_total_s"]
 
 
