@@ -194,7 +194,7 @@ class Tracker:
             self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
             if not found or EXPERIMENT_KIND[0] not in found.tags:
                 # MLflow 3 opens experiments of unknown kind on its GenAI (traces) page; ours are run tables.
-                self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
+                set_experiment_tag(self.client, self.experiment_id, *EXPERIMENT_KIND)
             if (uri, self.experiment_id) not in _CHECKED_ORPHANS:
                 _CHECKED_ORPHANS.add((uri, self.experiment_id))
                 self.fail_orphans()
@@ -464,6 +464,17 @@ def measured_run_ids(uri: str, experiment_id: str, metric: str, ascending: bool,
     return found[:limit]
 
 
+def set_experiment_tag(client: Any, experiment_id: str, key: str, value: str) -> None:
+    """Set an experiment tag, idempotently: a tracking server has no store lock, and two workers setting the
+    same new tag at once make one of them fail on the database's unique key (seen with PostgreSQL)."""
+    try:
+        client.set_experiment_tag(experiment_id, key, value)
+    except Exception:
+        if client.get_experiment(experiment_id).tags.get(key) == value:
+            return  # the other writer set it
+        client.set_experiment_tag(experiment_id, key, value)  # it exists now: this is an update
+
+
 def newest_run_id(uri: str, experiment_id: str, role: str) -> str | None:
     """The newest run of an experiment with a role (e.g. the last sweep's parent), or None."""
     runs = open_client(uri).search_runs([experiment_id], f"tags.`{ROLE_TAG}` = '{role}'", max_results=1,
@@ -478,7 +489,7 @@ def set_views(uri: str, experiment_id: str, views: dict[str, str]) -> None:
         current = client.get_experiment(experiment_id).tags
         for view_id, value in views.items():
             if current.get(VIEW_TAG_PREFIX + view_id) != value:
-                client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + view_id, value)
+                set_experiment_tag(client, experiment_id, VIEW_TAG_PREFIX + view_id, value)
 
 
 def metric_keys(uri: str, experiment_id: str) -> set[str]:
