@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
+from torch import nn
+
+from qsweep.config import ConfigError
 from qsweep.measure import STAGES, StageClock
-from qsweep.runner import TrialSpec, run_isolated
+from qsweep.runner import TrialSpec, compile_model, repeated_blocks, run_isolated
 
 
 def test_nested_stages_never_count_twice():
@@ -42,3 +46,36 @@ def test_stage_times_sum_to_the_trial_and_a_warm_rerun_compiles_less(compose, tm
     assert warm.info["compile_cache"]["fxgraph_cache_hit"] > 0, warm.info["compile_cache"]
     assert warm.metrics["time_compile_s"] < 0.7 * cold.metrics["time_compile_s"], (
         warm.metrics["time_compile_s"], cold.metrics["time_compile_s"])
+
+
+def test_blocks_scope_compiles_one_layer_and_loads_the_others_from_cache(compose, tmp_path):
+    """compile=blocks on a 4-layer Llama: Inductor lowers each path's layer graph once; the other three
+    layers of every path are FX-graph cache hits, so a deeper model costs Dynamo tracing, not lowering."""
+    root = compose("model=tiny_llama", "compile=blocks", "model.builder.config.num_hidden_layers=4",
+                   "eval.n_samples=8", "eval.batch_size=8")
+    assert root.compile.scope == "blocks" and root.compile.mode == "default"
+    trial = TrialSpec(model_builder=dict(root.model.builder), quant=None, device="cpu", dtype="float32",
+                      batch_size=1, compile_mode="default", compile_cache_dir=str(tmp_path / "inductor"),
+                      compile_scope="blocks", warmup=1, repeats=3, eval_samples=8, eval_batch_size=8,
+                      reference_path=str(tmp_path / "ref.pt"), is_baseline=True)
+    result = run_isolated(trial, timeout_s=600)
+    assert result.status == "ok", result.reason
+    cache = result.info["compile_cache"]
+    paths = 3  # the timed forward, prefill and decode: each a new input shape
+    assert cache["fxgraph_cache_hit"] >= 3 * paths, cache  # layers 2-4 of every path
+    assert cache["fxgraph_cache_miss"] <= paths + 1, cache
+
+
+def test_repeated_blocks_are_the_largest_list_of_one_class():
+    layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    model = nn.Sequential(nn.Embedding(8, 4), nn.ModuleDict({"layers": layers,
+                                                             "mixed": nn.ModuleList([nn.ReLU(), nn.Tanh()])}))
+    assert repeated_blocks(model) == list(layers)
+    assert repeated_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU())) == []
+    with pytest.raises(ValueError, match="no repeated blocks .* use compile.scope=model"):
+        compile_model(nn.Sequential(nn.Linear(4, 4)), "default", None, scope="blocks")
+
+
+def test_a_compile_scope_outside_the_choices_names_them(compose):
+    with pytest.raises(ConfigError, match="compile.scope='layer' is invalid.*model.*blocks"):
+        compose("compile=default", "compile.scope=layer")

@@ -67,6 +67,11 @@ class Dtype(Choice):
     float16 = "float16"
 
 
+class CompileScope(Choice):
+    model = "model"    # the whole model is one compiled graph per input shape
+    blocks = "blocks"  # each repeated block (an LLM's decoder layers) on its own: compiled once, the rest from cache
+
+
 class Timing(Choice):
     auto = "auto"  # device on CUDA, e2e on CPU
     device = "device"  # CUDA-graph replays timed with events: no launch overhead
@@ -202,6 +207,10 @@ class CompileConf:
     name: str = "none"
     mode: str | None = None  # torch.compile mode; null = eager
     cache_dir: str | None = None  # persistent inductor/autotune cache (repeated sweeps reuse it)
+    scope: CompileScope = CompileScope.model
+
+    def __post_init__(self) -> None:
+        self.scope = _member(CompileScope, self.scope, "compile.scope")
 
 
 @dataclass

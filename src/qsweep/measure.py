@@ -190,16 +190,23 @@ MAX_CALLS_PER_SAMPLE = 64
 
 def calls_per_sample(fn: Callable[[], Any], probes: int = 3) -> int:
     """How many calls of fn one timed sample holds so that a sample's fixed cost stays below 1%.
-    fn is a graph replay (or runs its own graphs), so CUDA events see its GPU time, not launches."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn is a graph replay (or runs its own graphs), so CUDA events see its GPU time, not launches.
+    A call long enough on its own (an LLM's decode loop: half a second) is probed once, not `probes` times."""
     fn()
+    per_call_s = _event_seconds(fn, 1)
+    if per_call_s < 100 * SAMPLE_OVERHEAD_S:
+        per_call_s = _event_seconds(fn, probes)
+    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(100 * SAMPLE_OVERHEAD_S / max(per_call_s, 1e-9))))
+
+
+def _event_seconds(fn: Callable[[], Any], calls: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(probes):
+    for _ in range(calls):
         fn()
     end.record()
     torch.cuda.synchronize()
-    per_call_s = start.elapsed_time(end) / probes / 1e3
-    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(100 * SAMPLE_OVERHEAD_S / max(per_call_s, 1e-9))))
+    return start.elapsed_time(end) / calls / 1e3
 
 
 def _repeat(fn: Callable[[], Any], calls: int) -> Callable[[], None]:

@@ -52,6 +52,7 @@ class TrialSpec:
     batch_size: int
     compile_mode: str | None = None
     compile_cache_dir: str | None = None
+    compile_scope: str = "model"  # model | blocks (qsweep.config.CompileScope)
     warmup: int = 5
     repeats: int = 30
     timing: str = "e2e"  # "device" | "e2e"
@@ -168,16 +169,42 @@ def unquantized_reason(left: dict[str, str], total: int, shown: int = 4) -> str:
     return f"{len(left)} of {total} layers left unquantized: {', '.join(names)}{more}"
 
 
-def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None) -> nn.Module:
+def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, scope: str = "model") -> nn.Module:
     """torch.compile with static shapes: prefill, decode and the timed forward each compile once for
     their own shape instead of a dynamic graph after the second shape (`dynamic=False`). Inductor's
     FX-graph and AOTAutograd caches (on by default) live under `cache_dir`, so a rerun loads compiled
-    graphs instead of compiling them."""
+    graphs instead of compiling them.
+
+    scope="blocks" compiles each repeated block (see repeated_blocks) in place and leaves the rest
+    eager: the blocks' graphs are identical, so Inductor compiles the first and its FX-graph cache
+    serves the others, where a whole-model graph lowers every layer again (an 8B Llama: 32 times)."""
     if not mode:
         return model
     if cache_dir:  # read by inductor when it compiles, so setting it here is in time
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
-    return torch.compile(model, mode=mode, dynamic=False)
+    if scope == "model":
+        return torch.compile(model, mode=mode, dynamic=False)
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError(f"compile.scope=blocks: {type(model).__name__} has no repeated blocks "
+                         "(an nn.ModuleList of one class); use compile.scope=model")
+    import torch._dynamo.config as dynamo_config
+
+    # Dynamo specialises each block on its own constants (an LLM layer's layer_idx): one cache entry
+    # per block and input shape, far above the default limit of 8, after which it would run eagerly.
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(blocks))
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 64 * len(blocks))
+    for block in blocks:
+        block.compile(mode=mode, dynamic=False)
+    return model
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The members of the largest nn.ModuleList whose members are all of one class (a transformer's
+    layers); [] if there is none with two or more."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+             and len({type(block) for block in m}) == 1]
+    return list(max(lists, key=len)) if lists else []
 
 
 def compile_cache_counts() -> dict[str, int]:
@@ -193,7 +220,7 @@ def compile_cache_counts() -> dict[str, int]:
 def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict,
            clock: measure.StageClock) -> dict[str, float]:
     with clock.stage("compile"):  # importing dynamo and wrapping the model: part of compiling
-        runnable = compile_model(model, spec.compile_mode, spec.compile_cache_dir)
+        runnable = compile_model(model, spec.compile_mode, spec.compile_cache_dir, spec.compile_scope)
     inputs = [to_device(t, spec.device, dtype) for t in bundle.timed_inputs(spec.batch_size, spec.seed)]
     call = forward_call(runnable, inputs)
     graphed = spec.compile_mode in GRAPHED_MODES

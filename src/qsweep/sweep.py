@@ -119,8 +119,10 @@ class Point:
         # What makes two measurements comparable: same model, inputs, hardware, software, harness.
         # Which layers get quantized is part of the quant config, not of the context: one baseline for both.
         model = {k: v for k, v in vars(root.model).items() if k not in ("quantize_filter", "lm_head")}
+        # The compile scope joins the context only where it is not the whole model: older records keep their keys.
+        compiled = root.compile.mode if root.compile.scope == "model" else [root.compile.mode, str(root.compile.scope)]
         self.context = {"model": model, "model_identity": model_identity(dict(root.model.builder)),
-                        "compile": root.compile.mode, "bench": bench,
+                        "compile": compiled, "bench": bench,
                         "eval": vars(root.eval), "device": self.device, "dtype": self.dtype,
                         "hardware": self.hw.name, "seed": root.seed, **versions()}
         self.name = run_name(root)
@@ -169,7 +171,7 @@ class Point:
         return TrialSpec(
             model_builder=dict(r.model.builder), quant=quant, device=self.device, dtype=self.dtype,
             batch_size=r.bench.batch_size, compile_mode=r.compile.mode, warmup=r.bench.warmup,
-            compile_cache_dir=r.compile.cache_dir,
+            compile_cache_dir=r.compile.cache_dir, compile_scope=str(r.compile.scope),
             repeats=r.bench.repeats, timing=self.timing, l2_flush=r.bench.l2_flush,
             eval_samples=r.eval.n_samples, eval_batch_size=r.eval.batch_size, seed=r.seed,
             quantize_filter=r.model.quantize_filter, reference_path=str(reference_path),
