@@ -5,7 +5,8 @@
 # 2:4 sparsity alone (sparse24: cuSPARSELt/CUTLASS bf16), with float8 (sparse24_float8dq: CUTLASS, SM >= 9.0)
 # and with int8 dynamic (sparse24_int8dq: dense int8 matmul, torchao 0.18 has no int8 2:4 kernel), and
 # static float8 (static_float8: observer flow, torch._scaled_mm), at batch 1 (weight-bound) and 256
-# (compute-bound, where 2:4 should pay), eager and compiled. Writes OUT_DIR/flows_gpu.csv (every point,
+# (compute-bound, where 2:4 should pay), compiled (FLOW_COMPILE=none,default for eager too). Each batch
+# is bounded by FLOW_TIMEOUT_S (a device call lasts 10 min). Writes OUT_DIR/flows_gpu.csv (every point,
 # one table), OUT_DIR/flows_gpu_mlflow.db and OUT_DIR/flows_gpu.log; copy them to benchmarks/results/.
 set -u
 out=${1:?usage: flows_gpu.sh OUT_DIR}
@@ -17,10 +18,10 @@ python3 -c "import torch, torchao; print('torch', torch.__version__, 'torchao', 
 torch.cuda.get_device_name(), 'sm', torch.cuda.get_device_capability())"
 common=(model=llama_ffn bench=gpu device=cuda tracking.experiment=flows_gpu output_dir="$work")
 echo "=== batch 1: 2:4 and static float8 vs bf16, float8dq $(date -u +%FT%TZ)"
-timeout 3000 python3 -m qsweep run -m "${common[@]}" bench.batch_size=1 compile=none,default \
+timeout "${FLOW_TIMEOUT_S:-270}" python3 -m qsweep run -m "${common[@]}" bench.batch_size=1 compile="${FLOW_COMPILE:-default}" \
   scheme=none,sparse24,sparse24_float8dq,static_float8,float8dq granularity=per_row
 echo "=== batch 256: 2:4 alone and combined vs their dense twins $(date -u +%FT%TZ)"
-timeout 3000 python3 -m qsweep run -m "${common[@]}" bench.batch_size=256 compile=none,default \
+timeout "${FLOW_TIMEOUT_S:-270}" python3 -m qsweep run -m "${common[@]}" bench.batch_size=256 compile="${FLOW_COMPILE:-default}" \
   scheme=none,sparse24,sparse24_int8dq,sparse24_float8dq,static_float8,int8dq,float8dq granularity=per_row
 echo "=== one table $(date -u +%FT%TZ)"
 python3 - "$work" "$out/flows_gpu.csv" <<'PY'

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The LLM work on one GPU (issues 13 and 14). Runs live in outputs/gpu (kept between calls on a warm
 # machine, so a rerun finds its compile cache); the MLflow store and logs are copied to OUT:
-#   bash benchmarks/llm_gpu.sh OUT [timer] [profile] [warm] [int4] [grid] [gridwarm]
-# timer:   gpu-marked tests, qsweep's latency_ms vs triton's do_bench_cudagraph on four Llama-8B FFN blocks
-# profile: bf16 and int4wo-g64 of sweeps/llama8b.yaml, batch 1, compiled (where the time goes); warm: again, force=true
-# int4:    sweeps/llama8b_int4.yaml (every int4 kernel, g64/g128) in the same experiment
-# grid:    the whole of sweeps/llama8b.yaml; gridwarm: the same grid again with force=true (compile cache warm)
+#   bash benchmarks/llm_gpu.sh OUT [timer] [grid] [int4]
+# timer: gpu-marked tests, qsweep's latency_ms vs triton's do_bench_cudagraph on four Llama-8B FFN blocks
+# grid:  sweeps/llama8b.yaml (GRID_ARGS narrow or extend it: "+point=llama8b-none bench.batch_size=1
+#        compile=blocks"; add force=true to measure a warm rerun)
+# int4:  sweeps/llama8b_int4.yaml (every int4 kernel; INT4_ARGS narrow it) in the same experiment
+# Each stage is bounded by STAGE_S seconds (a device call lasts 10 minutes).
 set -u
 out=${1:?usage: llm_gpu.sh OUT [stage ...]}; shift
 export work=outputs/gpu  # exported: each stage runs under `timeout bash -c`
@@ -14,16 +15,14 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch, torchao, transformers, importlib.util as u; print('torch', torch.__version__, 'torchao',
 torchao.__version__, 'transformers', transformers.__version__, 'mslk', u.find_spec('mslk') is not None, torch.cuda.get_device_name())"
 run() { python3 -m qsweep run -m output_dir="$work" "$@"; }
-for stage in ${*:-timer profile}; do
+for stage in ${*:-timer grid}; do
   echo "=== $stage $(date -u +%FT%TZ)"
   start=$(date +%s)
   case $stage in
-    timer) timeout 420 python3 -m pytest -q -s -m gpu tests/test_gpu.py > "$out/timer.log" 2>&1; grep "^|\|passed\|failed" "$out/timer.log" ;;
-    profile) timeout 560 bash -c "$(declare -f run); run +sweep=llama8b +point=llama8b-none,llama8b-int4wo-g64 bench.batch_size=1 compile=default" ;;
-    warm) timeout 560 bash -c "$(declare -f run); run +sweep=llama8b +point=llama8b-none,llama8b-int4wo-g64 bench.batch_size=1 compile=default force=true" ;;
-    int4) timeout 560 bash -c "$(declare -f run); run +sweep=llama8b_int4 tracking.experiment=llama8b ${INT4_ARGS:-}" ;;
-    grid) timeout 590 bash -c "$(declare -f run); run +sweep=llama8b ${GRID_ARGS:-}" ;;
-    gridwarm) timeout 590 bash -c "$(declare -f run); run +sweep=llama8b force=true ${GRID_ARGS:-}" ;;
+    timer) timeout "${STAGE_S:-300}" python3 -m pytest -q -s -m gpu tests/test_gpu.py ${TIMER_ARGS:-} > "$out/timer.log" 2>&1
+           grep "^|\|passed\|failed" "$out/timer.log" ;;
+    grid) timeout "${STAGE_S:-560}" bash -c "$(declare -f run); run +sweep=llama8b ${GRID_ARGS:-}" ;;
+    int4) timeout "${STAGE_S:-560}" bash -c "$(declare -f run); run +sweep=llama8b_int4 tracking.experiment=llama8b ${INT4_ARGS:-}" ;;
     *) echo "unknown stage '$stage'"; exit 2 ;;
   esac
   echo "=== $stage took $(( $(date +%s) - start )) s"
