@@ -68,7 +68,7 @@ def main() -> None:
     lines = [f"# {args.experiment}: {device}", "",
              f"- written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} from `{Path(args.db).name}`; "
              f"torch {first.get('torch')}, torchao {first.get('torchao')}",
-             "- decode tok/s: batch x 64 greedy tokens (StaticCache) / median time of the whole loop, replayed "
+             "- decode tok/s: batch x bench.decode_tokens greedy tokens (StaticCache) / median time of the whole loop, replayed "
              "as one CUDA graph; torchao's figures are its README's Llama-3.1-8B H100 table (batch 1, compiled)",
              "- bytes-read limit: bf16 weight_read_bytes / the point's (weights a decode step reads, embeddings "
              "excluded): the ratio to bf16 a weight-bound step would reach at bf16's bandwidth efficiency", ""]
