@@ -6,7 +6,8 @@
 # grid:  sweeps/llama8b.yaml (GRID_ARGS narrow or extend it: "+point=llama8b-none bench.batch_size=1
 #        compile=blocks"; add force=true to measure a warm rerun)
 # int4:  sweeps/llama8b_int4.yaml (every int4 kernel; INT4_ARGS narrow it) in the same experiment
-# Each stage is bounded by STAGE_S seconds (a device call lasts 10 minutes).
+# Each stage is bounded by STAGE_S seconds (a device call lasts 10 minutes); a trial by 60 s less (unless the
+# args set bench.timeout_s), so a slow point is recorded `failed ... during <stage>` before the stage is cut.
 set -u
 out=${1:?usage: llm_gpu.sh OUT [stage ...]}; shift
 export work=outputs/gpu  # exported: each stage runs under `timeout bash -c`
@@ -15,14 +16,15 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch, torchao, transformers, importlib.util as u; print('torch', torch.__version__, 'torchao',
 torchao.__version__, 'transformers', transformers.__version__, 'mslk', u.find_spec('mslk') is not None, torch.cuda.get_device_name())"
 run() { python3 -m qsweep run -m output_dir="$work" "$@"; }
+trial_limit() { [[ "$1" == *bench.timeout_s=* ]] || echo "bench.timeout_s=$(( ${STAGE_S:-560} - 60 ))"; }
 for stage in ${*:-timer grid}; do
   echo "=== $stage $(date -u +%FT%TZ)"
   start=$(date +%s)
   case $stage in
     timer) timeout "${STAGE_S:-300}" python3 -m pytest -q -s -m gpu tests/test_gpu.py ${TIMER_ARGS:-} > "$out/timer.log" 2>&1
            grep "^|\|passed\|failed" "$out/timer.log" ;;
-    grid) timeout "${STAGE_S:-560}" bash -c "$(declare -f run); run +sweep=llama8b ${GRID_ARGS:-}" ;;
-    int4) timeout "${STAGE_S:-560}" bash -c "$(declare -f run); run +sweep=llama8b_int4 tracking.experiment=llama8b ${INT4_ARGS:-}" ;;
+    grid) timeout "${STAGE_S:-560}" bash -c "$(declare -f run); run +sweep=llama8b $(trial_limit "${GRID_ARGS:-}") ${GRID_ARGS:-}" ;;
+    int4) timeout "${STAGE_S:-560}" bash -c "$(declare -f run); run +sweep=llama8b_int4 tracking.experiment=llama8b $(trial_limit "${INT4_ARGS:-}") ${INT4_ARGS:-}" ;;
     *) echo "unknown stage '$stage'"; exit 2 ;;
   esac
   echo "=== $stage took $(( $(date +%s) - start )) s"

@@ -27,7 +27,7 @@ def test_all_groups_are_populated():
     expected = {"none", "int8wo", "int8dq", "int4wo", "float8wo", "float8dq", "float8dq_int4", "intxwo",
                 "int8dq_intxw"}
     assert expected <= set(choices("scheme"))
-    assert set(choices("compile")) == {"none", "default", "reduce-overhead", "max-autotune",
+    assert set(choices("compile")) == {"none", "default", "blocks", "reduce-overhead", "max-autotune",
                                         "max-autotune-no-cudagraphs"}
 
 
@@ -64,6 +64,8 @@ def test_grid_expansion_counts_every_point():
                        "compile=none,default"], multirun=True)
     assert len(grid) == 3 * 2 * 2 * 2
     assert len(check_grid(["+sweep=quickstart"], multirun=True)) == 18
+    llama8b = check_grid(["+sweep=llama8b"], multirun=True)  # 9 points x batch 1, 8 x compile none, blocks
+    assert len(llama8b) == 36 and {"compile=blocks", "compile=none"} <= {a for p in llama8b for a in p}
 
 
 def test_unknown_command(capsys):

@@ -100,3 +100,10 @@ def test_latency_agrees_with_triton_do_bench_cudagraph(compose):
     speedup, reference = ours["none"] / ours["int4wo"], theirs["none"] / theirs["int4wo"]
     print(f"| int4wo speedup | {speedup:.3f} | {reference:.3f} | {speedup / reference - 1:+.2%} |")
     assert abs(speedup / reference - 1) <= 0.03, (speedup, reference)
+
+
+def test_an_uncapturable_call_is_timed_e2e_and_says_why():
+    x = torch.ones(4, device="cuda")
+    stats = measure.time_call(lambda: x.sum().item(), device="cuda", warmup=2, repeats=5, timing="device")
+    assert stats.mode.startswith("e2e (graph capture failed: "), stats.mode
+    assert len(stats.mode) > len("e2e (graph capture failed: AcceleratorError)")  # the error's message too

@@ -73,3 +73,14 @@ def test_peak_memory_on_cpu_sees_an_allocation():
         del block
     assert peak.kind == "cpu_peak_rss" and peak.peak_reserved_bytes is None
     assert peak.activation_bytes >= 32 * 1024 * 1024 and peak.peak_bytes > peak.activation_bytes
+
+
+def test_a_failed_graph_capture_is_named_in_the_reason():
+    from qsweep.runner import timing_fallbacks
+
+    info = {"timing_mode": "e2e (graph capture failed: AcceleratorError: operation not permitted when stream is capturing)",
+            "prefill_timing_mode": "e2e (graph capture failed: AcceleratorError: operation not permitted when stream is capturing)",
+            "decode_timing_mode": "device (cuda graph, 1 calls per sample)"}
+    assert timing_fallbacks(info) == ("timed e2e, not as a CUDA graph: forward, prefill (graph capture failed: "
+                                      "AcceleratorError: operation not permitted when stream is capturing)")
+    assert timing_fallbacks({"timing_mode": "device (cuda graph, 4 calls per sample)"}) == ""

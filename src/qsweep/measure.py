@@ -24,6 +24,8 @@ from typing import Any
 import psutil
 import torch
 
+from qsweep.config import first_line
+
 
 @dataclass
 class LatencyStats:
@@ -175,7 +177,7 @@ def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, 
                         graph = _capture(_repeat(fn, calls), 0)
             except Exception as err:  # some kernels are not capturable; say so rather than fail
                 stats = _time_host(fn, warmup, repeats, torch.cuda.synchronize, mode="e2e")
-                stats.mode = f"e2e (graph capture failed: {type(err).__name__})"
+                stats.mode = f"e2e (graph capture failed: {type(err).__name__}: {first_line(err)[:200]})"
                 return stats
             return _time_events(graph.replay, warmup, repeats, flush, calls,
                                 mode=f"device (cuda graph, {calls} calls per sample)")

@@ -159,7 +159,18 @@ def _measure(spec: TrialSpec, clock: measure.StageClock) -> TrialResult:
     check_metrics(metrics)  # before minutes of compile and timing
     metrics.update(_speed(spec, bundle, model, dtype, info, clock))
     check_metrics(metrics)
-    return TrialResult("ok", reason, metrics, info)
+    fell_back = timing_fallbacks(info) if spec.timing == "device" else ""
+    return TrialResult("ok", "; ".join(r for r in (reason, fell_back) if r), metrics, info)
+
+
+def timing_fallbacks(info: dict[str, Any]) -> str:
+    """What was timed end to end although device timing was asked for (its CUDA-graph capture failed):
+    launch overhead is then in the figure, so its speedup against a graph-timed run is not a kernel speedup."""
+    failed = {key.removesuffix("timing_mode").rstrip("_") or "forward": mode for key, mode in info.items()
+              if key.endswith("timing_mode") and str(mode).startswith("e2e (graph capture failed")}
+    if not failed:
+        return ""
+    return f"timed e2e, not as a CUDA graph: {', '.join(failed)} ({next(iter(failed.values()))[5:-1]})"
 
 
 def unquantized_reason(left: dict[str, str], total: int, shown: int = 4) -> str:
@@ -303,10 +314,23 @@ def _child(spec: TrialSpec, conn, stderr_path: str, timeout_s: float, env: dict[
     faulthandler.enable(all_threads=True)  # SIGSEGV/SIGABRT/SIGBUS/SIGFPE/SIGILL: the Python stack
     # Where it hung, written just before the parent's timeout kills it with SIGKILL (no handler runs).
     faulthandler.dump_traceback_later(max(timeout_s - 2.0, 0.9 * timeout_s), exit=False)
+    # And how far compilation got: a compile that never ends is told apart from one that never hits the cache.
+    compile_report = threading.Timer(max(timeout_s - 3.0, 0.85 * timeout_s), _report_compile_progress)
+    compile_report.daemon = True
+    compile_report.start()
     result = run_trial(dataclasses.replace(spec, started=started))
+    compile_report.cancel()
     faulthandler.cancel_dump_traceback_later()
     conn.send(result)
     conn.close()
+
+
+def _report_compile_progress() -> None:
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"].get("unique_graphs", 0)
+    print(f"qsweep: near the timeout: {graphs} graphs compiled by dynamo, inductor cache {compile_cache_counts()}",
+          file=sys.stderr, flush=True)
 
 
 class _StderrRelay(threading.Thread):
