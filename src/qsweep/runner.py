@@ -170,7 +170,8 @@ def timing_fallbacks(info: dict[str, Any]) -> str:
               if key.endswith("timing_mode") and str(mode).startswith("e2e (graph capture failed")}
     if not failed:
         return ""
-    return f"timed e2e, not as a CUDA graph: {', '.join(failed)} ({next(iter(failed.values()))[5:-1]})"
+    why = next(iter(failed.values())).removeprefix("e2e (").removesuffix(")")
+    return f"timed e2e, not as a CUDA graph: {', '.join(failed)} ({why})"
 
 
 def unquantized_reason(left: dict[str, str], total: int, shown: int = 4) -> str:
