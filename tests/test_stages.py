@@ -79,3 +79,12 @@ def test_repeated_blocks_are_the_largest_list_of_one_class():
 def test_a_compile_scope_outside_the_choices_names_them(compose):
     with pytest.raises(ConfigError, match="compile.scope='layer' is invalid.*model.*blocks"):
         compose("compile=default", "compile.scope=layer")
+
+
+def test_per_block_and_whole_model_points_never_share_records(compose):
+    from qsweep.sweep import Point
+
+    whole, blocks = Point(compose("compile=default")), Point(compose("compile=blocks"))
+    assert blocks.baseline_key != whole.baseline_key and blocks.point_key != whole.point_key
+    assert whole.context["compile"] == "default"  # a whole-model point keeps the key it had before scopes
+    assert blocks.params()["compile"] == "blocks" and blocks.name.endswith("-blocks")
