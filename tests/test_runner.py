@@ -145,7 +145,7 @@ def test_a_timeout_keeps_where_the_child_hung(compose, tmp_path):
     result = run_isolated(spec(tmp_path, builder, quant(compose, "scheme=int8wo")), timeout_s=20)
     assert result.status == "failed" and result.reason.startswith("timeout: trial ran longer than 20 s")
     assert "fragile_models.py" in result.traceback and "forward" in result.traceback
-    assert "qsweep: near the timeout: 0 graphs compiled by dynamo, inductor cache {" in result.traceback
+    assert "qsweep: near the timeout: compile {'frames': 0, " in result.traceback
     # It hung in its first quantized forward, the drift's: the reason and the stage times say so (issue 13).
     assert result.reason.endswith("during eval"), result.reason
     assert result.metrics["time_eval_s"] > 15 and result.metrics["time_total_s"] >= 19.5

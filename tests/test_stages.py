@@ -64,6 +64,10 @@ def test_blocks_scope_compiles_one_layer_and_loads_the_others_from_cache(compose
     paths = 3  # the timed forward, prefill and decode: each a new input shape
     assert cache["fxgraph_cache_hit"] >= 3 * paths, cache  # layers 2-4 of every path
     assert cache["fxgraph_cache_miss"] <= paths + 1, cache
+    # One graph per layer and path: the KV cache is allocated before the prefill compiles, so no layer
+    # compiles the prefill twice (with and without the allocation).
+    assert result.info["compile_phases"]["frames"] == 4 * paths, result.info["compile_phases"]
+    assert result.info["compile_phases"]["inductor_s"] > 0
 
 
 def test_repeated_blocks_are_the_largest_list_of_one_class():

@@ -181,7 +181,12 @@ def speed(model: nn.Module, ids: torch.Tensor, decode_tokens: int, timer: Timer,
     batch, prompt_len = ids.shape
     if static_cache:
         cache = StaticCache(config=model.config, max_cache_len=prompt_len + decode_tokens)
-        try:  # the timer's first call compiles the prefill path
+        try:
+            # Allocate the cache's buffers in an eager call: a compiled first prefill would trace the
+            # allocation, and every later call (cache allocated) would compile the prefill again.
+            with torch.compiler.set_stance("force_eager"):
+                _prefill(model, ids, cache)
+            # the timer's first call compiles the prefill path
             prefill_stats = timer(lambda: _prefill(model, ids, cache))
         except Exception:  # an architecture without static-cache support
             return speed(model, ids, decode_tokens, timer, info, static_cache=False)

@@ -229,6 +229,21 @@ def compile_cache_counts() -> dict[str, int]:
     return out
 
 
+# Dynamo's own timers, nested: tracing Python bytecode, then the backend (AOTAutograd, which contains
+# Inductor's lowering, which contains the wait for its parallel kernel compiles).
+COMPILE_PHASES = {"dynamo_trace_s": "bytecode_tracing", "backend_s": "OutputGraph.call_user_compiler",
+                  "inductor_s": "compile_fx_inner", "kernel_compile_wait_s": "async_compile.wait"}
+
+
+def compile_phases() -> dict[str, float]:
+    """Where this process's compile time went: graphs compiled (frames) and seconds per phase."""
+    from torch._dynamo.utils import compilation_time_metrics as seconds
+
+    out: dict[str, float] = {"frames": len(seconds.get("_compile.compile_inner", []))}
+    out.update({name: round(sum(seconds.get(key, [])), 2) for name, key in COMPILE_PHASES.items()})
+    return out
+
+
 def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: dict,
            clock: measure.StageClock) -> dict[str, float]:
     with clock.stage("compile"):  # importing dynamo and wrapping the model: part of compiling
@@ -275,6 +290,7 @@ def _speed(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, info: 
             metrics.update(bundle.extra_speed(runnable, prompt, timer, info))
     if spec.compile_mode:
         info["compile_cache"] = compile_cache_counts()
+        info["compile_phases"] = compile_phases()
     return metrics
 
 
@@ -327,10 +343,7 @@ def _child(spec: TrialSpec, conn, stderr_path: str, timeout_s: float, env: dict[
 
 
 def _report_compile_progress() -> None:
-    from torch._dynamo.utils import counters
-
-    graphs = counters["stats"].get("unique_graphs", 0)
-    print(f"qsweep: near the timeout: {graphs} graphs compiled by dynamo, inductor cache {compile_cache_counts()}",
+    print(f"qsweep: near the timeout: compile {compile_phases()}, inductor cache {compile_cache_counts()}",
           file=sys.stderr, flush=True)
 
 

@@ -497,8 +497,9 @@ def note_stage_times(run: str, result: TrialResult) -> None:
     if _SWEEP is None:
         return
     times = {k: v for k, v in result.metrics.items() if k.startswith("time_")}
+    compiled = {f"compile_{k}": v for k, v in result.info.get("compile_phases", {}).items()}
     with open(_SWEEP.directory / STAGE_TIMES_FILE, "a") as f:
-        f.write(json.dumps({"run": run, "status": result.status, **times}) + "\n")
+        f.write(json.dumps({"run": run, "status": result.status, **times, **compiled}) + "\n")
 
 
 def stage_totals(directory: Path) -> dict[str, float]:
