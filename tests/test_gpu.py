@@ -107,3 +107,17 @@ def test_an_uncapturable_call_is_timed_e2e_and_says_why():
     stats = measure.time_call(lambda: x.sum().item(), device="cuda", warmup=2, repeats=5, timing="device")
     assert stats.mode.startswith("e2e (graph capture failed: "), stats.mode
     assert len(stats.mode) > len("e2e (graph capture failed: AcceleratorError)")  # the error's message too
+
+
+def test_per_block_compiled_llm_is_timed_as_cuda_graphs(compose):
+    # transformers builds an explicit attention mask when it sees a capture; the compiled blocks once
+    # recompiled for it inside the capture, which failed, and forward and prefill were timed e2e.
+    root = compose("device=cuda", "model=tiny_llama", "bench=gpu", "compile=blocks", "eval.n_samples=4",
+                   "scheme=int4wo", "granularity=per_group", "group_size=64", "bench.batch_size=1")
+    record = run_point(root)
+    assert record.status == "ok" and "timed e2e" not in record.reason, record.reason
+    import mlflow
+
+    tags = mlflow.MlflowClient(f"sqlite:///{root.output_dir}/mlflow.db").get_run(record.run_id).data.tags
+    for path in ("timing_mode", "prefill_timing_mode", "decode_timing_mode"):
+        assert tags[path].startswith("device (cuda graph"), (path, tags[path])

@@ -256,10 +256,11 @@ def _time_events(fn, warmup, repeats, flush, calls, mode) -> LatencyStats:
 
 
 def _capture(fn, warmup) -> torch.cuda.CUDAGraph:
-    # Warm up on a side stream first, as torch.cuda.graph requires (lazy init, autotuning).
+    # Warm up on a side stream first, as torch.cuda.graph requires (lazy init, autotuning), and as if
+    # captured: see _seen_as_captured.
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), _seen_as_captured():
         for _ in range(max(warmup, 2)):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
@@ -268,6 +269,19 @@ def _capture(fn, warmup) -> torch.cuda.CUDAGraph:
         fn()
     torch.cuda.synchronize()
     return graph
+
+
+@contextlib.contextmanager
+def _seen_as_captured():
+    """Eager code that asks whether it is being captured takes its capture branch (transformers then
+    builds an explicit attention mask), so the compiled blocks it calls (compile.scope=blocks) see the
+    inputs they will see in the capture and compile for them now: compiling inside a capture fails."""
+    real = torch.cuda.is_current_stream_capturing
+    torch.cuda.is_current_stream_capturing = lambda: True
+    try:
+        yield
+    finally:
+        torch.cuda.is_current_stream_capturing = real
 
 
 def _l2_bytes() -> int:
