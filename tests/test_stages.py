@@ -3,6 +3,7 @@ trial; a warm rerun (same compile cache) compiles less than the first run."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -92,3 +93,17 @@ def test_per_block_and_whole_model_points_never_share_records(compose):
     assert blocks.baseline_key != whole.baseline_key and blocks.point_key != whole.point_key
     assert whole.context["compile"] == "default"  # a whole-model point keeps the key it had before scopes
     assert blocks.params()["compile"] == "blocks" and blocks.name.endswith("-blocks")
+
+
+def test_the_sweep_summary_says_where_compile_time_went(tmp_path):
+    from qsweep.sweep import STAGE_TIMES_FILE, describe_stage_times
+
+    row = {"run": "p", "status": "ok", "time_build_s": 10.0, "time_quantize_s": 1.0, "time_compile_s": 100.0,
+           "time_measure_s": 20.0, "time_eval_s": 2.0, "time_total_s": 135.0, "compile_frames": 96,
+           "compile_dynamo_trace_s": 20.0, "compile_backend_s": 50.0, "compile_inductor_s": 10.0}
+    eager = {k: v for k, v in row.items() if not k.startswith("compile_")} | {"time_compile_s": 5.0}
+    (tmp_path / STAGE_TIMES_FILE).write_text(f"{json.dumps(row)}\n{json.dumps(eager)}\n")
+    line = describe_stage_times(tmp_path)
+    assert line.startswith("time by stage over 2 trials: build 20 s (7%) · quantize 2 s (1%) · compile 105 s (39%)")
+    assert ("; compile: 96 graphs, Dynamo 20 s, backend 50 s (Inductor 10 s), "
+            "the rest (first runs, autotuning, capture) 35 s") in line

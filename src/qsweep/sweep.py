@@ -69,6 +69,7 @@ if not OmegaConf.has_resolver("qsweep.pid"):
 RECORDS_FILE = "records.jsonl"
 PLAN_FILE = "plan.json"
 STAGE_TIMES_FILE = "stage_times.jsonl"  # every trial a sweep ran (baselines too) with its time per stage
+COMPILE_KEYS = ("compile_frames", "compile_dynamo_trace_s", "compile_backend_s", "compile_inductor_s")
 PARENTS_FILE = "parents.json"  # experiment -> {"uri", "run_id"} of this sweep's parent run there
 TRIAL_INFO_TAGS = ("timing_mode", "peak_mem_kind", "prefill_timing_mode", "decode_timing_mode", "kv_cache")
 TABLE_COLUMNS = ["model", "run", "flow", "status", "speedup", "latency_ms", "latency_cv", "size_ratio", "drift_sqnr_db",
@@ -511,6 +512,7 @@ def stage_totals(directory: Path) -> dict[str, float]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line]
     totals = {stage: sum(r.get(f"time_{stage}_s", 0.0) for r in rows) for stage in STAGES}
     totals.update(trials=len(rows), total=sum(r.get("time_total_s", 0.0) for r in rows))
+    totals.update({key: sum(r.get(key, 0) for r in rows) for key in COMPILE_KEYS})
     plan = directory / PLAN_FILE
     if plan.exists() and "started_ms" in (started := json.loads(plan.read_text())):
         totals["wall"] = time.time() - started["started_ms"] / 1000
@@ -527,7 +529,17 @@ def describe_stage_times(directory: Path) -> str:
     parts = [f"{s} {totals[s]:.0f} s ({totals[s] / total:.0%})" for s in STAGES] + [f"other {other:.0f} s ({other / total:.0%})"]
     wall = f", sweep wall time {totals['wall']:.0f} s" if "wall" in totals else ""
     return (f"time by stage over {totals['trials']} trials: " + " · ".join(parts)
-            + f"; trials {totals['total']:.0f} s{wall} ({directory / STAGE_TIMES_FILE})")
+            + f"; trials {totals['total']:.0f} s{wall}{describe_compile(totals)} ({directory / STAGE_TIMES_FILE})")
+
+
+def describe_compile(totals: dict[str, float]) -> str:
+    """`; compile: 160 graphs, Dynamo 31 s, backend 54 s, the rest (first runs, autotuning, capture) 38 s`."""
+    if not totals.get("compile_frames"):
+        return ""
+    traced = totals["compile_dynamo_trace_s"] + totals["compile_backend_s"]
+    return (f"; compile: {totals['compile_frames']:.0f} graphs, Dynamo {totals['compile_dynamo_trace_s']:.0f} s, "
+            f"backend {totals['compile_backend_s']:.0f} s (Inductor {totals['compile_inductor_s']:.0f} s), "
+            f"the rest (first runs, autotuning, capture) {max(totals['compile'] - traced, 0):.0f} s")
 
 
 class SummaryCallback(Callback):
