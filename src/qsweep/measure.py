@@ -155,7 +155,9 @@ def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, 
             would read them warm, so such a sample holds one call.
     """
     clock = clock or StageClock()  # no trial's clock: the stages are counted and dropped
-    with clock.stage("compile"):
+    captured = device == "cuda" and timing == "device" and not graphed_already
+    # The first call compiles a new path: for a path to be captured, the variant the capture replays.
+    with clock.stage("compile"), _seen_as_captured() if captured else contextlib.nullcontext():
         fn()
         sync(device)
     with clock.stage("measure"):
