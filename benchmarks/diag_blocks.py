@@ -9,6 +9,9 @@ and Inductor's lowering (first runs, autotuning, capture). Python stacks go to O
     SHORT=1         only the forward path (for cProfile: python3 -m cProfile -o OUT/p.prof benchmarks/diag_blocks.py ...)
     NOAT=1          Inductor without first-run benchmarking of pointwise configs and without the first-call
                     custom-op aliasing check (the two costs the profile of int4 showed)
+    TORCHINDUCTOR_DYNAMIC_SCALE_RBLOCK=0   Inductor's own switch for the halved-RBLOCK reduction candidates that
+                    defeat its autotune cache (pytorch/pytorch#181789, #189121): the suspected cause of int4's
+                    per-layer re-benchmarking
 Results: benchmarks/results/compile_blocks_diag.log.
 """
 
