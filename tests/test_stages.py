@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -93,6 +94,38 @@ def test_per_block_and_whole_model_points_never_share_records(compose):
     assert blocks.baseline_key != whole.baseline_key and blocks.point_key != whole.point_key
     assert whole.context["compile"] == "default"  # a whole-model point keeps the key it had before scopes
     assert blocks.params()["compile"] == "blocks" and blocks.name.endswith("-blocks")
+
+
+def test_inductor_options_apply_while_compiling_and_are_part_of_the_point(compose, tmp_path):
+    from qsweep.sweep import Point, run_point
+
+    plain = compose("model=toy", "scheme=none", "compile=default")
+    uncached = compose("model=toy", "scheme=none", "compile=default", "+compile.inductor.fx_graph_cache=false")
+    assert uncached.compile.inductor == {"fx_graph_cache": False}
+    point, other = Point(uncached), Point(plain)
+    assert point.baseline_key != other.baseline_key and point.point_key != other.point_key
+    assert other.context["compile"] == "default"  # points without options keep their keys
+    assert point.name == "toy/none-default+fx_graph_cache=False"
+    assert point.params()["inductor"] == '{"fx_graph_cache": false}'
+
+    def fx_lookups(root) -> int:
+        record = run_point(root)
+        assert record.status == "ok", record.reason
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{root.output_dir}/mlflow.db")
+        info = json.loads(Path(client.download_artifacts(record.run_id, "trial_info.json")).read_text())
+        return info["compile_cache"]["fxgraph_cache_hit"] + info["compile_cache"]["fxgraph_cache_miss"]
+
+    assert fx_lookups(plain) > 0 and fx_lookups(uncached) == 0  # Inductor compiled under the option
+
+
+def test_an_unknown_inductor_option_is_one_line_with_the_close_names(compose):
+    with pytest.raises(ConfigError, match=r"compile.inductor.dynamic_scale_rblok is not an Inductor option "
+                                          r"\(torch._inductor.config\); did you mean: dynamic_scale_rblock"):
+        compose("+compile.inductor.dynamic_scale_rblok=false")
+    with pytest.raises(ConfigError, match=r"add a key with \+compile.inductor.coordinate_descent_tuning=<value>"):
+        compose("compile.inductor.coordinate_descent_tuning=true")
 
 
 def test_the_sweep_summary_says_where_compile_time_went(tmp_path):

@@ -208,9 +208,22 @@ class CompileConf:
     mode: str | None = None  # torch.compile mode; null = eager
     cache_dir: str | None = None  # persistent inductor/autotune cache (repeated sweeps reuse it)
     scope: CompileScope = CompileScope.model
+    # Inductor options of this point, by their torch._inductor.config names (nested ones dotted:
+    # +compile.inductor.dynamic_scale_rblock=false, '+compile.inductor={triton.autotune_pointwise: false}').
+    inductor: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scope = _member(CompileScope, self.scope, "compile.scope")
+        if self.inductor:
+            import difflib
+
+            from torch._inductor import config as inductor_config
+
+            for name in self.inductor:
+                close = difflib.get_close_matches(name, list(inductor_config._config), 3)
+                _check(name in inductor_config._config,
+                       f"compile.inductor.{name} is not an Inductor option (torch._inductor.config)"
+                       + (f"; did you mean: {', '.join(close)}" if close else ""))
 
 
 @dataclass
@@ -530,6 +543,8 @@ def _explain(err: Exception, overrides: list[str]) -> str:
                                             if o.split("=")[0].lstrip("+~") in (*GROUPS, SEARCHPATH)])
         node = OmegaConf.select(base, parent) if parent else base
         valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "?"
+        if isinstance(node, DictConfig) and node._metadata.object_type is dict:  # a free-form mapping
+            return f"unknown key {name!r} (keys under {parent}: {valid or 'none'}); add a key with +{name}=<value>"
         return f"unknown key {name!r}; valid keys{' under ' + parent if parent else ''}: {valid}"
     # A bad value on the command line is the cause; one in a YAML file (`In 'bench/mine': ...`) the context.
     cause = err.__cause__ or (err.__context__ if isinstance(err.__context__, ValidationError) else None)

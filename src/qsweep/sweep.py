@@ -98,11 +98,12 @@ def versions() -> dict[str, str]:
 
 def run_name(root: RootConf) -> str:
     """Names that say what the point is, model first: `toy/int8wo-per_row-none`, `llama3_1_8b/int4wo-g128-max-autotune`."""
+    compiled = root.compile.name + "".join(f"+{k}={v}" for k, v in sorted(root.compile.inductor.items()))
     if root.scheme.config is None:
-        return f"{root.model.name}/none-{root.compile.name}"
+        return f"{root.model.name}/none-{compiled}"
     gran = f"g{root.group_size}" if root.granularity.name == "per_group" else root.granularity.name
     head = "-lm_head" if root.model.lm_head == "quantize" else ""
-    return f"{root.model.name}/{root.scheme.name}-{gran}{head}-{root.compile.name}"
+    return f"{root.model.name}/{root.scheme.name}-{gran}{head}-{compiled}"
 
 
 # ---------------------------------------------------------------- model identity
@@ -121,7 +122,9 @@ class Point:
         # Which layers get quantized is part of the quant config, not of the context: one baseline for both.
         model = {k: v for k, v in vars(root.model).items() if k not in ("quantize_filter", "lm_head")}
         # The compile scope joins the context only where it is not the whole model: older records keep their keys.
-        compiled = root.compile.mode if root.compile.scope == "model" else [root.compile.mode, str(root.compile.scope)]
+        compiled: Any = root.compile.mode if root.compile.scope == "model" else [root.compile.mode, str(root.compile.scope)]
+        if root.compile.inductor:
+            compiled = {"mode": root.compile.mode, "scope": str(root.compile.scope), "inductor": root.compile.inductor}
         self.context = {"model": model, "model_identity": model_identity(dict(root.model.builder)),
                         "compile": compiled, "bench": bench,
                         "eval": vars(root.eval), "device": self.device, "dtype": self.dtype,
@@ -161,7 +164,9 @@ class Point:
                 "device": self.device, "device_name": self.hw.name, "batch_size": r.bench.batch_size,
                 "timing": self.timing, "bits": r.scheme.bits, "flow": r.scheme.flow if r.scheme.config else "none",
                 "torchao_config": schemes.describe(self.quant)
-                if self.quant else "none", **({"lm_head": r.model.lm_head} if r.model.lm_head else {}), **versions()}
+                if self.quant else "none", **({"lm_head": r.model.lm_head} if r.model.lm_head else {}),
+                **({"inductor": json.dumps(r.compile.inductor, sort_keys=True)} if r.compile.inductor else {}),
+                **versions()}
 
     def tags(self) -> dict[str, str]:
         return {POINT_TAG: self.point_key, CONFIG_TAG: self.config_key, BASELINE_TAG: self.baseline_key,
@@ -173,6 +178,7 @@ class Point:
             model_builder=dict(r.model.builder), quant=quant, device=self.device, dtype=self.dtype,
             batch_size=r.bench.batch_size, compile_mode=r.compile.mode, warmup=r.bench.warmup,
             compile_cache_dir=r.compile.cache_dir, compile_scope=str(r.compile.scope),
+            compile_inductor=dict(r.compile.inductor),
             repeats=r.bench.repeats, timing=self.timing, l2_flush=r.bench.l2_flush,
             eval_samples=r.eval.n_samples, eval_batch_size=r.eval.batch_size, seed=r.seed,
             quantize_filter=r.model.quantize_filter, reference_path=str(reference_path),
