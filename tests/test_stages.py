@@ -107,6 +107,8 @@ def test_inductor_options_apply_while_compiling_and_are_part_of_the_point(compos
     assert other.context["compile"] == "default"  # points without options keep their keys
     assert point.name == "toy/none-default+fx_graph_cache=False"
     assert point.params()["inductor"] == '{"fx_graph_cache": false}'
+    eager = Point(compose("model=toy", "scheme=none", "compile=none", "+compile.inductor.fx_graph_cache=false"))
+    assert eager.point_key == Point(compose("model=toy", "scheme=none", "compile=none")).point_key
 
     def fx_lookups(root) -> int:
         record = run_point(root)

@@ -214,6 +214,8 @@ class CompileConf:
 
     def __post_init__(self) -> None:
         self.scope = _member(CompileScope, self.scope, "compile.scope")
+        if not self.mode:  # an eager point compiles nothing: one eager point for a grid with an options axis
+            self.inductor = {}
         if self.inductor:
             import difflib
 
