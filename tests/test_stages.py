@@ -125,7 +125,7 @@ def test_inductor_options_apply_while_compiling_and_are_part_of_the_point(compos
 def test_an_unknown_inductor_option_is_one_line_with_the_close_names(compose):
     with pytest.raises(ConfigError, match=r"compile.inductor.dynamic_scale_rblok is not an Inductor option "
                                           r"\(torch._inductor.config\); did you mean: dynamic_scale_rblock"):
-        compose("+compile.inductor.dynamic_scale_rblok=false")
+        compose("compile=default", "+compile.inductor.dynamic_scale_rblok=false")
     with pytest.raises(ConfigError, match=r"add a key with \+compile.inductor.coordinate_descent_tuning=<value>"):
         compose("compile.inductor.coordinate_descent_tuning=true")
 
