@@ -34,7 +34,7 @@ from qsweep.identity import model_identity, stable_hash
 from qsweep.measure import STAGES
 from qsweep.metrics import STATUSES
 from qsweep.recipe import RECIPE_FILE, Recipe, eval_section, measured_recipe, model_section, to_json
-from qsweep.runner import TrialResult, TrialSpec, run_isolated, run_trial
+from qsweep.runner import COMPILE_PHASES, TrialResult, TrialSpec, run_isolated, run_trial
 from qsweep.tracking import (
     BASELINE_TAG,
     CONFIG_FILE,
@@ -69,7 +69,7 @@ if not OmegaConf.has_resolver("qsweep.pid"):
 RECORDS_FILE = "records.jsonl"
 PLAN_FILE = "plan.json"
 STAGE_TIMES_FILE = "stage_times.jsonl"  # every trial a sweep ran (baselines too) with its time per stage
-COMPILE_KEYS = ("compile_frames", "compile_dynamo_trace_s", "compile_backend_s", "compile_inductor_s")
+COMPILE_KEYS = ("compile_frames", *(f"compile_{phase}" for phase in COMPILE_PHASES))  # as note_stage_times writes them
 PARENTS_FILE = "parents.json"  # experiment -> {"uri", "run_id"} of this sweep's parent run there
 TRIAL_INFO_TAGS = ("timing_mode", "peak_mem_kind", "prefill_timing_mode", "decode_timing_mode", "kv_cache")
 TABLE_COLUMNS = ["model", "run", "flow", "status", "speedup", "latency_ms", "latency_cv", "size_ratio", "drift_sqnr_db",
