@@ -7,7 +7,8 @@
 #        compile=blocks"; add force=true to measure a warm rerun)
 # int4:  sweeps/llama8b_int4.yaml (every int4 kernel; INT4_ARGS narrow it) in the same experiment
 # diag:  benchmarks/diag_blocks.py, bf16 and int4 per block, then int4 with each suspected cause of its slow
-#        first runs switched off (Inductor's halved-RBLOCK candidates; pointwise autotuning), DIAG_S s each
+#        first runs switched off (Inductor's halved-RBLOCK candidates; pointwise autotuning), DIAG_S s each;
+#        DIAG_VARIANTS picks some: "int4 TORCHINDUCTOR_DYNAMIC_SCALE_RBLOCK=0;int4 NOAT=1"
 # Each stage is bounded by STAGE_S seconds (a device call lasts 10 minutes); a trial by 60 s less (unless the
 # args set bench.timeout_s), so a slow point is recorded `failed ... during <stage>` before the stage is cut.
 set -u
@@ -27,9 +28,11 @@ for stage in ${*:-timer grid}; do
            grep "^|\|passed\|failed" "$out/timer.log" ;;
     grid) timeout "${STAGE_S:-560}" bash -c "$(declare -f run); run +sweep=llama8b $(trial_limit "${GRID_ARGS:-}") ${GRID_ARGS:-}" ;;
     int4) timeout "${STAGE_S:-560}" bash -c "$(declare -f run); run +sweep=llama8b_int4 tracking.experiment=llama8b $(trial_limit "${INT4_ARGS:-}") ${INT4_ARGS:-}" ;;
-    diag) for variant in none int4 "int4 TORCHINDUCTOR_DYNAMIC_SCALE_RBLOCK=0" "int4 NOAT=1"; do
-            set -- $variant; echo "--- $variant"
-            env "${@:2}" timeout "${DIAG_S:-150}" python3 benchmarks/diag_blocks.py "$1" "$out" 2>/dev/null | grep -v "^\s*$"
+    diag) IFS=';' read -ra variants <<< "${DIAG_VARIANTS:-none;int4;int4 TORCHINDUCTOR_DYNAMIC_SCALE_RBLOCK=0;int4 NOAT=1}"
+          for variant in "${variants[@]}"; do
+            set -- $variant; echo "--- $variant"; begun=$(date +%s)
+            env "${@:2}" timeout "${DIAG_S:-150}" python3 benchmarks/diag_blocks.py "$1" "$out" 2>>"$out/diag.err" | grep -v "^\s*$"
+            echo "--- $variant took $(( $(date +%s) - begun )) s"
           done ;;
     *) echo "unknown stage '$stage'"; exit 2 ;;
   esac

@@ -62,7 +62,7 @@ def main() -> None:
     frame = load_runs(f"sqlite:///{Path(args.db).resolve()}", args.experiment)
     frame = frame[frame.kind.isin(["grid", "baseline"])].copy()
     frame["batch_size"] = frame["batch_size"].astype(int)
-    ok = frame[frame.status == "ok"].drop_duplicates("run", keep="first")
+    ok = frame[frame.status == "ok"].sort_values("start_time", ascending=False).drop_duplicates(["run", "batch_size"])
     device = ok.device_name.iloc[0] if len(ok) else "unknown device"
     first = ok.iloc[0] if len(ok) else {}
     lines = [f"# {args.experiment}: {device}", "",

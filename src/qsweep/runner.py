@@ -14,8 +14,10 @@ the result's traceback.
 from __future__ import annotations
 
 import codecs
+import copy
 import dataclasses
 import faulthandler
+import functools
 import gc
 import multiprocessing as mp
 import os
@@ -188,9 +190,9 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
     FX-graph and AOTAutograd caches (on by default) live under `cache_dir`, so a rerun loads compiled
     graphs instead of compiling them.
 
-    scope="blocks" compiles each repeated block (see repeated_blocks) in place and leaves the rest
-    eager: the blocks' graphs are identical, so Inductor compiles the first and its FX-graph cache
-    serves the others, where a whole-model graph lowers every layer again (an 8B Llama: 32 times)."""
+    scope="blocks" compiles one forward shared by every repeated block (see repeated_blocks) and leaves
+    the rest eager: Dynamo traces and Inductor lowers and autotunes one block per input shape, where a
+    whole-model graph lowers every layer again (an 8B Llama: 32 times)."""
     if not mode:
         return model
     if cache_dir:  # read by inductor when it compiles, so setting it here is in time
@@ -203,13 +205,36 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
                          "(an nn.ModuleList of one class); use compile.scope=model")
     import torch._dynamo.config as dynamo_config
 
-    # Dynamo specialises each block on its own constants (an LLM layer's layer_idx): one cache entry
-    # per block and input shape, far above the default limit of 8, after which it would run eagerly.
+    # Where a block cannot run as block 0 (a cache that grows per layer), Dynamo specialises a graph per
+    # block and input shape, far above the default limit of 8, after which it would run eagerly.
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(blocks))
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 64 * len(blocks))
-    for block in blocks:
-        block.compile(mode=mode, dynamic=False)
+    shared_forward = torch.compile(type(blocks[0]).forward, mode=mode, dynamic=False)
+    for index, block in enumerate(blocks):
+        indexed = [m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        block.forward = functools.partial(_run_as_block_zero, shared_forward, block, index, indexed)
     return model
+
+
+def _run_as_block_zero(shared_forward, block: nn.Module, index: int, indexed: list[nn.Module], *args, **kwargs):
+    """Block `index` as block 0 of a one-layer view of its KV cache, which it reads and writes as its own.
+
+    An HF attention indexes the cache by its `layer_idx`, and Dynamo specialises a graph on that constant:
+    one graph per layer, each autotuned again at its first run (minutes for an 8B int4 model). As block 0
+    of its own view, every block passes the guards of one graph."""
+    cache = kwargs.get("past_key_values")
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or len(layers) <= index:  # no cache, or one that grows per layer
+        return shared_forward(block, *args, **kwargs)
+    view = copy.copy(cache)
+    view.layers = [layers[index]]
+    for module in indexed:
+        module.layer_idx = 0
+    try:
+        return shared_forward(block, *args, **{**kwargs, "past_key_values": view})
+    finally:
+        for module in indexed:
+            module.layer_idx = index
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:

@@ -312,7 +312,7 @@ def ensure_baseline(point: Point, tracker: Tracker, progress: str = "") -> Point
         if found and (found.status != OK or reference.exists()):
             return found
         reference.parent.mkdir(parents=True, exist_ok=True)
-        result, window = _run(point, None, reference, is_baseline=True)
+        result, window = _run(baseline_point, None, reference, is_baseline=True)
         if result.status == OK:
             result.metrics.update(speedup=1.0, size_ratio=1.0)
         record = _record(baseline_point, tracker, result.status, result.reason, result.metrics, result,
