@@ -9,6 +9,7 @@
 # diag:  benchmarks/diag_blocks.py, bf16 and int4 per block, then int4 with each suspected cause of its slow
 #        first runs switched off (Inductor's halved-RBLOCK candidates; pointwise autotuning), DIAG_S s each;
 #        DIAG_VARIANTS picks some: "int4 TORCHINDUCTOR_DYNAMIC_SCALE_RBLOCK=0;int4 NOAT=1"
+# repro: benchmarks/repro_int4_compile.py, the int4 formats that fail under torch.compile, on one Linear
 # Each stage is bounded by STAGE_S seconds (a device call lasts 10 minutes); a trial by 60 s less (unless the
 # args set bench.timeout_s), so a slow point is recorded `failed ... during <stage>` before the stage is cut.
 set -u
@@ -34,6 +35,7 @@ for stage in ${*:-timer grid}; do
             env "${@:2}" timeout "${DIAG_S:-150}" python3 benchmarks/diag_blocks.py "$1" "$out" 2>>"$out/diag.err" | grep -v "^\s*$"
             echo "--- $variant took $(( $(date +%s) - begun )) s"
           done ;;
+    repro) timeout "${STAGE_S:-120}" python3 benchmarks/repro_int4_compile.py "$out" 2>/dev/null ;;
     *) echo "unknown stage '$stage'"; exit 2 ;;
   esac
   echo "=== $stage took $(( $(date +%s) - start )) s"
