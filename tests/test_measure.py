@@ -66,6 +66,14 @@ def test_sizes_follow_parameter_counts_and_shrink_when_quantized():
     assert measure.model_size_bytes(small) < small_disk / 2.5
 
 
+def test_size_on_disk_is_the_saved_file_byte_for_byte(tmp_path):
+    """Counted without writing, and without the zip's checksums: exactly the file torch.save writes (its
+    archive folder is named after the file, `archive` for a stream)."""
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 7))
+    torch.save(model.state_dict(), tmp_path / "archive.pt")
+    assert measure.model_size_bytes(model) == (tmp_path / "archive.pt").stat().st_size
+
+
 def test_peak_memory_on_cpu_sees_an_allocation():
     with measure.PeakMemory("cpu") as peak:
         block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
