@@ -103,6 +103,44 @@ def test_blocks_share_one_graph_and_keep_their_own_kv_cache():
     assert [m.self_attn.layer_idx for m in compiled.model.layers] == [0, 1, 2]
 
 
+class _ScaledBlock(nn.Module):
+    """A block whose layer index means more than a cache slot: its output depends on it."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.linear = layer_idx, nn.Linear(8, 8)
+
+    def forward(self, x, past_key_values=None):
+        keys, _ = past_key_values.update(self.linear(x), x, self.layer_idx)
+        return keys * (self.layer_idx + 1)
+
+
+class _Cache:
+    def __init__(self, layers: int):
+        self.layers = [None] * layers
+
+    def update(self, keys, values, layer_idx):
+        return keys, values
+
+
+def test_blocks_that_use_their_layer_index_keep_their_own_graphs():
+    """Running such a block as layer 0 of a cache view would compute layer 0's function: each block
+    compiles on its own instead."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from qsweep.runner import _layer_idx_only_indexes_the_cache
+
+    assert _layer_idx_only_indexes_the_cache(LlamaAttention)
+    assert not _layer_idx_only_indexes_the_cache(_ScaledBlock)
+    blocks = nn.ModuleList([_ScaledBlock(i) for i in range(3)])
+    x = torch.randn(2, 8)
+    expected = [block(x, past_key_values=_Cache(3)) for block in blocks]
+    compile_model(nn.Sequential(blocks), "default", None, scope="blocks")
+    for block, want in zip(blocks, expected):
+        torch.testing.assert_close(block(x, past_key_values=_Cache(3)), want)
+
+
 def test_repeated_blocks_are_the_largest_list_of_one_class():
     layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
     model = nn.Sequential(nn.Embedding(8, 4), nn.ModuleDict({"layers": layers,

@@ -209,11 +209,41 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
     # block and input shape, far above the default limit of 8, after which it would run eagerly.
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(blocks))
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 64 * len(blocks))
+    indexed = [[m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)] for block in blocks]
+    if not all(_layer_idx_only_indexes_the_cache(type(m)) for m in indexed[0]):
+        for block in blocks:  # the layer index means more than a cache slot: each block its own graphs
+            block.compile(mode=mode, dynamic=False)
+        return model
     shared_forward = torch.compile(type(blocks[0]).forward, mode=mode, dynamic=False)
     for index, block in enumerate(blocks):
-        indexed = [m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-        block.forward = functools.partial(_run_as_block_zero, shared_forward, block, index, indexed)
+        block.forward = functools.partial(_run_as_block_zero, shared_forward, block, index, indexed[index])
     return model
+
+
+def _layer_idx_only_indexes_the_cache(cls: type) -> bool:
+    """Whether every method of `cls` but __init__ reads self.layer_idx only to pass it to a cache's
+    update(...) (an HF attention: `past_key_values.update(k, v, self.layer_idx)`), so that running the
+    block as layer 0 of a view of its own cache layer computes what the block computes. False where
+    the source cannot be read."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    allowed: set[int] = set()
+    reads: list[ast.Attribute] = []
+    for method in ast.walk(tree):
+        if not isinstance(method, ast.FunctionDef) or method.name == "__init__":
+            continue
+        for node in ast.walk(method):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update":
+                allowed.update(id(arg) for arg in [*node.args, *(kw.value for kw in node.keywords)])
+            if isinstance(node, ast.Attribute) and node.attr == "layer_idx":
+                reads.append(node)
+    return all(id(node) in allowed for node in reads)
 
 
 def _run_as_block_zero(shared_forward, block: nn.Module, index: int, indexed: list[nn.Module], *args, **kwargs):
