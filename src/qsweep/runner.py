@@ -205,8 +205,9 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
                          "(an nn.ModuleList of one class); use compile.scope=model")
     import torch._dynamo.config as dynamo_config
 
-    # Where a block cannot run as block 0 (a cache that grows per layer), Dynamo specialises a graph per
-    # block and input shape, far above the default limit of 8, after which it would run eagerly.
+    # Where a block cannot run as block 0 (a cache that grows per layer, a layer index that means more),
+    # Dynamo specialises a graph per block and input shape: far above the default limit of 8, after which
+    # it would run eagerly.
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(blocks))
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 64 * len(blocks))
     indexed = [[m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)] for block in blocks]
