@@ -15,6 +15,15 @@ from qsweep.measure import STAGES, StageClock
 from qsweep.runner import TrialSpec, compile_model, repeated_blocks, run_isolated
 
 
+def test_measure_parts_leave_out_what_nests_inside_them():
+    clock = StageClock()
+    with clock.stage("measure"), clock.part("forward"):
+        time.sleep(0.05)
+        with clock.stage("compile"):
+            time.sleep(0.1)
+    assert 0.05 <= clock.parts["forward"] < 0.09, clock.parts
+
+
 def test_nested_stages_never_count_twice():
     clock = StageClock()
     with clock.stage("measure"):
@@ -42,6 +51,9 @@ def test_stage_times_sum_to_the_trial_and_a_warm_rerun_compiles_less(compose, tm
     assert accounted >= 0.95 * cold.metrics["time_total_s"], cold.metrics
     assert cold.metrics["time_compile_s"] > 0 and cold.metrics["time_build_s"] > 0
     assert cold.metrics["time_quantize_s"] < 0.5  # a baseline quantizes nothing
+    parts = cold.info["measure_parts"]  # where measure went, each timed path on its own
+    assert set(parts) == {"sizes", "forward", "prefill_decode"}, parts
+    assert 0.95 * cold.metrics["time_measure_s"] <= sum(parts.values()) <= cold.metrics["time_measure_s"] + 0.05
 
     warm = run_isolated(trial, timeout_s=600)  # a fresh process: only the on-disk cache is shared
     assert warm.status == "ok", warm.reason

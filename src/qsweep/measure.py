@@ -61,6 +61,7 @@ class StageClock:
         self.started = time.time() if started is None else started
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self._stack: list[list] = []  # [stage, start of its current slice]
+        self.parts: dict[str, float] = {}  # measure seconds by what was measured (see part)
         # Written at every stage change, so a trial killed by a timeout or a crash still says where it was.
         self.progress_path = progress_path
 
@@ -81,6 +82,20 @@ class StageClock:
             if self._stack:
                 self._stack[-1][1] = now
             self._save()
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Count the measure seconds spent inside under `name` (sizes, forward, prefill_decode): where the
+        measure stage went. Stages nested inside (a first call's compile) are not counted."""
+        before = self._so_far("measure")
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + self._so_far("measure") - before
+
+    def _so_far(self, stage: str) -> float:
+        running = self._stack[-1] if self._stack and self._stack[-1][0] == stage else None
+        return self.seconds[stage] + (time.perf_counter() - running[1] if running else 0.0)
 
     def _save(self) -> None:
         if self.progress_path:

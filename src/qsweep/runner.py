@@ -149,7 +149,7 @@ def _measure(spec: TrialSpec, clock: measure.StageClock) -> TrialResult:
         gc.collect()
         if spec.device == "cuda":
             torch.cuda.empty_cache()
-    with clock.stage("measure"):
+    with clock.stage("measure"), clock.part("sizes"):
         metrics["weights_mem_bytes"] = (torch.cuda.memory_allocated() if spec.device == "cuda"
                                         else measure.tensor_bytes(model.state_dict()))
         metrics["size_bytes"] = measure.model_size_bytes(model)
@@ -325,7 +325,7 @@ def _timed_paths(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, 
     with clock.stage("compile"):
         call()  # the first call compiles (and autotunes); keep it out of the memory peak and latency
         sync(spec.device)
-    with clock.stage("measure"):
+    with clock.stage("measure"), clock.part("forward"):
         with measure.PeakMemory(spec.device) as peak:
             call()
         stats = timer(call)
@@ -351,8 +351,9 @@ def _timed_paths(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, 
 
         prompt = tuple(inputs) if bundle.speed_inputs is None else tuple(  # the timed inputs are the prompt
             to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed))
-        with clock.stage("measure"):
+        with clock.stage("measure"), clock.part("prefill_decode"):
             metrics.update(bundle.extra_speed(runnable, prompt, timer, info))
+    info["measure_parts"] = {name: round(seconds, 2) for name, seconds in clock.parts.items()}
     if spec.compile_mode:
         info["compile_cache"] = compile_cache_counts()
         info["compile_phases"] = compile_phases()

@@ -505,8 +505,9 @@ def note_stage_times(run: str, result: TrialResult) -> None:
         return
     times = {k: v for k, v in result.metrics.items() if k.startswith("time_")}
     compiled = {f"compile_{k}": v for k, v in result.info.get("compile_phases", {}).items()}
+    measured = {f"measure_{k}_s": v for k, v in result.info.get("measure_parts", {}).items()}
     with open(_SWEEP.directory / STAGE_TIMES_FILE, "a") as f:
-        f.write(json.dumps({"run": run, "status": result.status, **times, **compiled}) + "\n")
+        f.write(json.dumps({"run": run, "status": result.status, **times, **compiled, **measured}) + "\n")
 
 
 def stage_totals(directory: Path) -> dict[str, float]:
