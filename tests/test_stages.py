@@ -139,13 +139,14 @@ def test_blocks_that_use_their_layer_index_keep_their_own_graphs():
     """Running such a block as layer 0 of a cache view would compute layer 0's function: each block
     compiles on its own instead."""
     import torch
+    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention
 
     from qsweep.runner import _layer_idx_only_indexes_the_cache
 
-    assert _layer_idx_only_indexes_the_cache(LlamaAttention)
-    assert not _layer_idx_only_indexes_the_cache(_ScaledBlock)
     blocks = nn.ModuleList([_ScaledBlock(i) for i in range(3)])
+    assert not _layer_idx_only_indexes_the_cache(blocks[0])
+    assert _layer_idx_only_indexes_the_cache(LlamaAttention(LlamaConfig(hidden_size=64, num_attention_heads=4), 0))
     x = torch.randn(2, 8)
     expected = [block(x, past_key_values=_Cache(3)) for block in blocks]
     compile_model(nn.Sequential(blocks), "default", None, scope="blocks")

@@ -211,7 +211,8 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(blocks))
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 64 * len(blocks))
     indexed = [[m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)] for block in blocks]
-    if not all(_layer_idx_only_indexes_the_cache(type(m)) for m in indexed[0]):
+    one_per_class = {type(m): m for m in blocks[0].modules()}.values()
+    if not all(_layer_idx_only_indexes_the_cache(m) for m in one_per_class):
         for block in blocks:  # the layer index means more than a cache slot: each block its own graphs
             block.compile(mode=mode, dynamic=False)
         return model
@@ -221,19 +222,19 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
     return model
 
 
-def _layer_idx_only_indexes_the_cache(cls: type) -> bool:
-    """Whether every method of `cls` but __init__ reads self.layer_idx only to pass it to a cache's
-    update(...) (an HF attention: `past_key_values.update(k, v, self.layer_idx)`), so that running the
-    block as layer 0 of a view of its own cache layer computes what the block computes. False where
-    the source cannot be read."""
+def _layer_idx_only_indexes_the_cache(module: nn.Module) -> bool:
+    """Whether every method of the module's class but __init__ reads a `layer_idx` only to pass it to a
+    cache's update(...) (an HF attention: `past_key_values.update(k, v, self.layer_idx)`), so that running
+    the block as layer 0 of a view of its own cache layer computes what the block computes. Where the
+    source cannot be read: whether the module has no layer_idx."""
     import ast
     import inspect
     import textwrap
 
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module))))
     except (OSError, TypeError, SyntaxError):
-        return False
+        return not hasattr(module, "layer_idx")
     allowed: set[int] = set()
     reads: list[ast.Attribute] = []
     for method in ast.walk(tree):
