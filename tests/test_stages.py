@@ -53,7 +53,8 @@ def test_stage_times_sum_to_the_trial_and_a_warm_rerun_compiles_less(compose, tm
     assert cold.metrics["time_quantize_s"] < 0.5  # a baseline quantizes nothing
     parts = cold.info["measure_parts"]  # where measure went, each timed path on its own
     assert set(parts) == {"sizes", "forward", "prefill_decode"}, parts
-    assert 0.95 * cold.metrics["time_measure_s"] <= sum(parts.values()) <= cold.metrics["time_measure_s"] + 0.05
+    measured = cold.metrics["time_measure_s"]  # the parts account for it (a few ms of rounding aside)
+    assert abs(sum(parts.values()) - measured) <= 0.05 * measured + 0.005, (parts, measured)
 
     warm = run_isolated(trial, timeout_s=600)  # a fresh process: only the on-disk cache is shared
     assert warm.status == "ok", warm.reason

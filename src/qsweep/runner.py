@@ -354,7 +354,7 @@ def _timed_paths(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, 
             to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed))
         with clock.stage("measure"), clock.part("prefill_decode"):
             metrics.update(bundle.extra_speed(runnable, prompt, timer, info))
-    info["measure_parts"] = {name: round(seconds, 2) for name, seconds in clock.parts.items()}
+    info["measure_parts"] = {name: round(seconds, 4) for name, seconds in clock.parts.items()}
     if spec.compile_mode:
         info["compile_cache"] = compile_cache_counts()
         info["compile_phases"] = compile_phases()
