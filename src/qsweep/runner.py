@@ -210,7 +210,6 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
     # it would run eagerly.
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(blocks))
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 64 * len(blocks))
-    indexed = [[m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)] for block in blocks]
     one_per_class = {type(m): m for m in blocks[0].modules()}.values()
     if not all(_layer_idx_only_indexes_the_cache(m) for m in one_per_class):
         for block in blocks:  # the layer index means more than a cache slot: each block its own graphs
@@ -218,7 +217,8 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
         return model
     shared_forward = torch.compile(type(blocks[0]).forward, mode=mode, dynamic=False)
     for index, block in enumerate(blocks):
-        block.forward = functools.partial(_run_as_block_zero, shared_forward, block, index, indexed[index])
+        indexed = [m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        block.forward = functools.partial(_run_as_block_zero, shared_forward, block, index, indexed)
     return model
 
 

@@ -540,7 +540,8 @@ def describe_stage_times(directory: Path) -> str:
 
 
 def describe_compile(totals: dict[str, float]) -> str:
-    """`; compile: 160 graphs, Dynamo 31 s, backend 54 s, the rest (first runs, autotuning, capture) 38 s`."""
+    """`; compile: 15 graphs, Dynamo 4 s, backend 23 s (Inductor 14 s), the rest (first runs, autotuning,
+    capture) 116 s`."""
     if not totals.get("compile_frames"):
         return ""
     traced = totals["compile_dynamo_trace_s"] + totals["compile_backend_s"]
