@@ -10,6 +10,9 @@
 #        first runs switched off (Inductor's halved-RBLOCK candidates; pointwise autotuning), DIAG_S s each;
 #        DIAG_VARIANTS picks some: "int4 TORCHINDUCTOR_DYNAMIC_SCALE_RBLOCK=0;int4 NOAT=1"
 # repro: benchmarks/repro_int4_compile.py, the int4 formats that fail under torch.compile, on one Linear
+# start: the grid stage detached (setsid), so it runs on across device calls on the warm machine (a call
+#        lasts 10 minutes, the whole grid longer) and no point is cut at a call's end; log in outputs/gpu
+# wait:  follow the detached grid for up to STAGE_S s; prints its wall time once it has ended
 # Each stage is bounded by STAGE_S seconds (a device call lasts 10 minutes); a trial by 60 s less (unless the
 # args set bench.timeout_s), so a slow point is recorded `failed ... during <stage>` before the stage is cut.
 set -u
@@ -36,11 +39,19 @@ for stage in ${*:-timer grid}; do
             echo "--- $variant took $(( $(date +%s) - begun )) s"
           done ;;
     repro) timeout "${STAGE_S:-120}" python3 benchmarks/repro_int4_compile.py "$out" 2>/dev/null ;;
+    start) date +%s > "$work/grid.started"
+           setsid nohup bash -c "$(declare -f run); run +sweep=llama8b ${GRID_ARGS:-}; date +%s > $work/grid.ended" \
+             > "$work/grid.log" 2>&1 < /dev/null & ;;
+    wait)  until [ -e "$work/grid.ended" ] || (( $(date +%s) - start >= ${STAGE_S:-560} )); do sleep 5; done
+           grep -a "^\[[0-9]*/[0-9]*\]\|^[0-9]* points:\|^time by stage" "$work/grid.log" | tail -n 40
+           [ -e "$work/grid.ended" ] && echo "grid wall time: $(( $(cat $work/grid.ended) - $(cat $work/grid.started) )) s"
+           cp "$work/grid.log" "$out/grid.log" ;;
     *) echo "unknown stage '$stage'"; exit 2 ;;
   esac
   echo "=== $stage took $(( $(date +%s) - start )) s"
 done
-cp "$work/mlflow.db" "$out/llm_mlflow.db" 2>/dev/null
+python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
+  "$work/mlflow.db" "$out/llm_mlflow.db" 2>/dev/null  # a consistent copy while a detached grid writes
 cat "$work"/runs/*/stage_times.jsonl > "$out/stage_times.jsonl" 2>/dev/null
 du -sh "$work/cache" 2>/dev/null
 echo "=== done $(date -u +%FT%TZ)"
