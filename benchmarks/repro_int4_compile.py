@@ -49,26 +49,38 @@ def timed(fn, x: torch.Tensor, weight: torch.Tensor) -> str:
     return f"{us:.1f} us, {stored_bytes(weight) / us / 1e6:.2f} TB/s of weights"
 
 
+def attempt(label: str, run, *args) -> None:
+    """Print `label: ok, <timing>` or the error's first line; the full traceback goes to the log."""
+    try:
+        print(f"{label}: ok, {run(*args)}", flush=True)
+    except Exception as err:
+        print(f"{label}: {type(err).__name__}: {str(err).splitlines()[0][:300]}", flush=True)
+        print(f"=== {label}", file=log)
+        traceback.print_exc(file=log)
+
+
+def compiled(linear: torch.nn.Linear, x: torch.Tensor) -> str:
+    torch._dynamo.reset()
+    fn = torch.compile(linear, fullgraph=True)
+    fn(x)
+    return timed(fn, x, linear.weight)
+
+
+def quantized(linear: torch.nn.Linear, config, x: torch.Tensor) -> str:
+    if config is not None:
+        quantize_(linear, config)
+    linear(x)
+    return timed(linear, x, linear.weight)
+
+
 out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 log = open(out / "repro_int4_compile.txt", "w")
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", file=log)
-x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+# A decode step calls each Linear with (batch, tokens, hidden) = (1, 1, 4096); (1, 4096) is the 2-D control.
+inputs = {shape: torch.randn(*shape, dtype=torch.bfloat16, device="cuda") for shape in [(1, 1, 4096), (1, 4096)]}
 for name, config in CASES.items():
     linear = torch.nn.Linear(4096, 14336, bias=False, dtype=torch.bfloat16, device="cuda")
-    for step in ("eager", "compiled"):
-        try:
-            if step == "eager":
-                if config is not None:
-                    quantize_(linear, config)
-                fn = linear
-            else:
-                torch._dynamo.reset()
-                fn = torch.compile(linear, fullgraph=True)
-            fn(x)
-            print(f"{name} {step}: ok, {timed(fn, x, linear.weight)}", flush=True)
-        except Exception as err:
-            print(f"{name} {step}: {type(err).__name__}: {str(err).splitlines()[0][:300]}", flush=True)
-            print(f"=== {name} {step}", file=log)
-            traceback.print_exc(file=log)
-            break
+    attempt(f"{name} eager", quantized, linear, config, inputs[(1, 1, 4096)])
+    for shape, x in inputs.items():
+        attempt(f"{name} compiled, input {shape}", compiled, linear, x)
 log.close()

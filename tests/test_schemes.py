@@ -111,3 +111,22 @@ def test_a_bad_enum_member_ends_the_run_in_one_line(tmp_path, capsys):
                  "hydra/hydra_logging=disabled"])
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert code == 2 and len(err) == 1 and err[0].startswith("qsweep: error: ") and "MappingType.SYMMETRIC" in err[0]
+
+
+def test_quantizing_leaves_inductor_options_as_they_were():
+    """torchao's configs would switch on coordinate-descent tuning for the whole process as they quantize
+    (set_inductor_config); built by qsweep they do not, per-layer recipes included, so a point compiles under
+    the same Inductor options as its baseline. Asking torchao for it names the one place to set them."""
+    from torch._inductor import config as inductor_config
+
+    int8wo = {"_target_": "torchao.quantization.Int8WeightOnlyConfig"}
+    per_layer = {"_target_": "torchao.quantization.FqnToConfig", "fqn_to_config": {"0": int8wo}}
+    before = inductor_config.get_config_copy()
+    for spec in (int8wo, per_layer):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+        schemes.quantize(model, spec, {"0": model[0], "1": model[1]})
+        assert schemes.is_quantized(model[0])
+        assert inductor_config.get_config_copy() == before
+    assert not inductor_config.coordinate_descent_tuning
+    with pytest.raises(ConfigError, match=r"Int8WeightOnlyConfig.set_inductor_config=true .* compile.inductor"):
+        schemes.build({**int8wo, "set_inductor_config": True})

@@ -126,7 +126,21 @@ def build(spec: Any) -> Any:
             return cls(**kwargs)
         except (TypeError, ValueError):
             raise ConfigError(f"{spec!r} is no {cls.__name__}; valid: {', '.join(cls.__members__)}") from None
-    return cls(**{key: _as_member(cls, key, value) for key, value in kwargs.items()})
+    return cls(**_without_inductor_side_effects(cls, {key: _as_member(cls, key, value) for key, value in kwargs.items()}))
+
+
+def _without_inductor_side_effects(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """torchao's configs default to set_inductor_config=True: quantizing then switches on Inductor options
+    for the whole process (coordinate-descent tuning in every direction). A point would compile under other
+    settings than its baseline, and its kernels' first runs tune for minutes (75-215 s of an 8B trial on an
+    H100). Inductor options have one home, compile.inductor, which applies to the baseline too."""
+    if not dataclasses.is_dataclass(cls) or "set_inductor_config" not in {f.name for f in dataclasses.fields(cls)}:
+        return kwargs
+    if kwargs.get("set_inductor_config"):
+        raise ConfigError(f"{cls.__name__}.set_inductor_config=true would change Inductor options for this point "
+                          "alone; set them in compile.inductor (e.g. +compile.inductor.coordinate_descent_tuning=true), "
+                          "where they apply to the baseline too")
+    return {**kwargs, "set_inductor_config": False}
 
 
 def _as_member(cls: type, key: str, value: Any) -> Any:
