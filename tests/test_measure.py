@@ -70,13 +70,16 @@ INTXWO_4 = {"_target_": "torchao.quantization.IntxWeightOnlyConfig", "weight_dty
             "granularity": {"_target_": "torchao.quantization.PerGroup", "group_size": 32}}
 
 
-@pytest.mark.parametrize("scheme", [None, INT8WO, INTXWO_4], ids=["float32", "int8wo", "intxwo_4"])
+@pytest.mark.parametrize("scheme", [None, INT8WO, INTXWO_4, "eager_dynamic"],
+                         ids=["float32", "int8wo", "intxwo_4", "eager_dynamic"])
 def test_size_on_disk_is_the_saved_file_byte_for_byte(tmp_path, scheme):
     """Counted without writing or reading the tensors' bytes, and without the zip's checksums: exactly the
     file torch.save writes (its archive folder is named after the file, `archive` for a stream), torchao's
-    tensor subclasses included."""
+    tensor subclasses included, and PyTorch's own quantized tensors, which refuse to skip their bytes."""
     model = nn.Sequential(nn.Linear(256, 192), nn.ReLU(), nn.Linear(192, 7), nn.Embedding(50, 16))
-    if scheme is not None:
+    if scheme == "eager_dynamic":
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    elif scheme is not None:
         quantize(model, scheme, quantizable_layers(model, None))
     torch.save(model.state_dict(), tmp_path / "archive.pt")
     assert measure.model_size_bytes(model) == (tmp_path / "archive.pt").stat().st_size

@@ -424,12 +424,21 @@ class _ByteCounter(io.RawIOBase):
 
 def model_size_bytes(model: torch.nn.Module) -> int:
     """Bytes on disk of the model's state_dict saved with torch.save, counted as it is serialized."""
+    state = model.state_dict()
+    try:
+        return _saved_bytes(state, skip_data=True)
+    except RuntimeError:  # PyTorch's own quantized tensors (eager dynamic quantization) refuse skip_data
+        return _saved_bytes(state, skip_data=False)
+
+
+def _saved_bytes(state: dict, skip_data: bool) -> int:
     from torch.utils.serialization import config
 
     counter = _ByteCounter()
     # Only the count is kept, so the tensors' bytes need not be read: skip_data leaves their space (no copy
     # of a GPU model to the host, 16 GB for an 8B model in bf16), and the zip's CRC32 fields have a fixed
     # size. The count is the saved file's, byte for byte (tests/test_measure.py).
-    with torch.serialization.skip_data(), config.patch({"save.compute_crc32": False}):
-        torch.save(model.state_dict(), counter)
+    skipping = torch.serialization.skip_data() if skip_data else contextlib.nullcontext()
+    with skipping, config.patch({"save.compute_crc32": False}):
+        torch.save(state, counter)
     return counter.size
