@@ -13,17 +13,20 @@ the result's traceback.
 
 from __future__ import annotations
 
+import ast
 import codecs
 import copy
 import dataclasses
 import faulthandler
 import functools
 import gc
+import inspect
 import multiprocessing as mp
 import os
 import signal
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -227,10 +230,6 @@ def _layer_idx_only_indexes_the_cache(module: nn.Module) -> bool:
     cache's update(...) (an HF attention: `past_key_values.update(k, v, self.layer_idx)`), so that running
     the block as layer 0 of a view of its own cache layer computes what the block computes. Where the
     source cannot be read: whether the module has no layer_idx."""
-    import ast
-    import inspect
-    import textwrap
-
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(type(module))))
     except (OSError, TypeError, SyntaxError):

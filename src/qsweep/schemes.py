@@ -126,7 +126,8 @@ def build(spec: Any) -> Any:
             return cls(**kwargs)
         except (TypeError, ValueError):
             raise ConfigError(f"{spec!r} is no {cls.__name__}; valid: {', '.join(cls.__members__)}") from None
-    return cls(**_without_inductor_side_effects(cls, {key: _as_member(cls, key, value) for key, value in kwargs.items()}))
+    kwargs = {key: _as_member(cls, key, value) for key, value in kwargs.items()}
+    return cls(**_without_inductor_side_effects(cls, kwargs))
 
 
 def _without_inductor_side_effects(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -137,9 +138,9 @@ def _without_inductor_side_effects(cls: type, kwargs: dict[str, Any]) -> dict[st
     if not dataclasses.is_dataclass(cls) or "set_inductor_config" not in {f.name for f in dataclasses.fields(cls)}:
         return kwargs
     if kwargs.get("set_inductor_config"):
-        raise ConfigError(f"{cls.__name__}.set_inductor_config=true would change Inductor options for this point "
-                          "alone; set them in compile.inductor (e.g. +compile.inductor.coordinate_descent_tuning=true), "
-                          "where they apply to the baseline too")
+        raise ConfigError(f"{cls.__name__}.set_inductor_config=true would change Inductor options for this "
+                          "point alone; set them in compile.inductor (e.g. "
+                          "+compile.inductor.coordinate_descent_tuning=true), where they apply to the baseline too")
     return {**kwargs, "set_inductor_config": False}
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from qsweep.cli import main
+
+sys.exit(main())
