@@ -1,5 +1,0 @@
-import sys
-
-from qsweep.cli import main
-
-sys.exit(main())
