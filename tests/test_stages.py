@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from qsweep.config import ConfigError
 from qsweep.measure import STAGES, StageClock
-from qsweep.runner import TrialSpec, compile_model, repeated_blocks, run_isolated
+from qsweep.runner import (TrialSpec, compile_model, keep_cuda_int8_weights_off_int8pack_mm, repeated_blocks,
+                           run_isolated)
 
 
 def test_measure_parts_leave_out_what_nests_inside_them():
@@ -225,3 +227,40 @@ def test_the_sweep_summary_says_where_compile_time_went(tmp_path):
     assert line.startswith("time by stage over 2 trials: build 20 s (7%) · quantize 2 s (1%) · compile 105 s (39%)")
     assert ("; compile: 96 graphs, Dynamo 20 s, backend 50 s (Inductor 10 s), "
             "the rest (first runs, autotuning, capture) 35 s") in line
+
+
+def _woq_int8_rewrites():
+    from torch._inductor.fx_passes import post_grad
+    return [entry for patterns in post_grad.pass_patterns for entries in patterns.patterns.values()
+            for entry in entries if getattr(getattr(entry, "handler", None), "__name__", "") == "woq_int8"]
+
+
+def test_int8_weight_only_is_kept_off_int8pack_mm_on_cuda_and_left_to_it_on_cpu():
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    keep_cuda_int8_weights_off_int8pack_mm()
+    rewrites = _woq_int8_rewrites()
+    assert len(rewrites) >= 1  # torch's rewrite is still there to switch off: else this guard is dead code
+
+    def check(device: str) -> list[bool]:
+        with FakeTensorMode():
+            tensors = {"x": torch.empty(128, 64, dtype=torch.bfloat16, device=device),
+                       "weight": torch.empty(32, 64, dtype=torch.int8, device=device),
+                       "scales": torch.empty(32, dtype=torch.bfloat16, device=device)}
+        match = SimpleNamespace(kwargs={k: SimpleNamespace(meta={"val": t}) for k, t in tensors.items()})
+        return [entry.extra_check(match) for entry in rewrites]
+
+    assert not any(check("cuda"))
+    assert all(check("cpu"))
+    # and on the CPU the compiled int8wo linear still runs the op (a tuned kernel there)
+    from torch._inductor.utils import run_and_get_code
+
+    linear = nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+    quantize_(linear, Int8WeightOnlyConfig(set_inductor_config=False))
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    out, code = run_and_get_code(compile_model(linear, "default", None), x)
+    assert "_weight_int8pack_mm" in "\n".join(code)
+    torch.testing.assert_close(out, linear(x), rtol=2e-2, atol=2e-2)

@@ -21,6 +21,7 @@ import faulthandler
 import functools
 import gc
 import inspect
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -198,6 +199,7 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
     whole-model graph lowers every layer again (an 8B Llama: 32 times)."""
     if not mode:
         return model
+    keep_cuda_int8_weights_off_int8pack_mm()
     if cache_dir:  # read by inductor when it compiles, so setting it here is in time
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
     if scope == "model":
@@ -223,6 +225,32 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
         indexed = [m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
         block.forward = functools.partial(_run_as_block_zero, shared_forward, block, index, indexed)
     return model
+
+
+@functools.cache
+def keep_cuda_int8_weights_off_int8pack_mm() -> int:
+    """Stop Inductor rewriting int8 weight-only linears on CUDA into aten._weight_int8pack_mm; returns the
+    rewrites changed. The rewrite (torch >= 2.10) matches mm(x, int8_weight.to(bf16).t()) * scales, torchao's
+    Int8WeightOnlyConfig per row, and its CUDA kernel is slow at every batch: on an H100, a 4096 -> 14336
+    linear took 280 us at 1 row, 16.6 ms at 128 and 131 ms at 1024, where bf16 takes 42 us, 46 us and 178 us
+    (benchmarks/diag_int8wo.py). It turned an 8B int8wo point's compiled prefill into seconds. CUDA then
+    gets cuBLAS on the cast weight, or at one row, with coordinate-descent tuning, Inductor's fused GEMV; the
+    CPU keeps the rewrite, where the op is a tuned kernel."""
+    from torch._inductor.fx_passes import post_grad
+
+    post_grad.lazy_init()  # registers the patterns once per process; Inductor's own later call is a no-op
+
+    def off_cuda(check, match) -> bool:
+        return match.kwargs["x"].meta["val"].device.type != "cuda" and check(match)
+
+    changed = 0
+    for patterns in post_grad.pass_patterns:
+        for entry in itertools.chain.from_iterable(patterns.patterns.values()):
+            handler = getattr(entry, "handler", None)
+            if getattr(handler, "__name__", "") == "woq_int8" and "quantization" in handler.__module__:
+                entry.extra_check = functools.partial(off_cuda, entry.extra_check)
+                changed += 1
+    return changed
 
 
 def _layer_idx_only_indexes_the_cache(module: nn.Module) -> bool:
