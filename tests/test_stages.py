@@ -13,8 +13,13 @@ from torch import nn
 
 from qsweep.config import ConfigError
 from qsweep.measure import STAGES, StageClock
-from qsweep.runner import (TrialSpec, compile_model, keep_cuda_int8_weights_off_int8pack_mm, repeated_blocks,
-                           run_isolated)
+from qsweep.runner import (
+    TrialSpec,
+    compile_model,
+    keep_cuda_int8_weights_off_int8pack_mm,
+    repeated_blocks,
+    run_isolated,
+)
 
 
 def test_measure_parts_leave_out_what_nests_inside_them():
