@@ -230,12 +230,13 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
 @functools.cache
 def keep_cuda_int8_weights_off_int8pack_mm() -> int:
     """Stop Inductor rewriting int8 weight-only linears on CUDA into aten._weight_int8pack_mm; returns the
-    rewrites changed. The rewrite (torch >= 2.10) matches mm(x, int8_weight.to(bf16).t()) * scales, torchao's
-    Int8WeightOnlyConfig per row, and its CUDA kernel is slow at every batch: on an H100, a 4096 -> 14336
-    linear took 280 us at 1 row, 16.6 ms at 128 and 131 ms at 1024, where bf16 takes 42 us, 46 us and 178 us
-    (benchmarks/diag_int8wo.py). It turned an 8B int8wo point's compiled prefill into seconds. CUDA then
-    gets cuBLAS on the cast weight, or at one row, with coordinate-descent tuning, Inductor's fused GEMV; the
-    CPU keeps the rewrite, where the op is a tuned kernel."""
+    rewrites changed. The rewrite (torch 2.11; its CUDA case came with pytorch #161680) matches
+    mm(x, int8_weight.to(bf16).t()) * scales, torchao's Int8WeightOnlyConfig per row, and its CUDA kernel is
+    slow at every row count: on an H100, a 4096 -> 14336 linear took 280 us at 1 row, 16.6 ms at 128 and
+    131 ms at 1024, where bf16 takes 42 us, 46 us and 169 us, and cuBLAS on the cast weight 110, 111 and
+    239 us (benchmarks/results/diag_int8wo.txt). It made an 8B int8wo point's compiled prefill take seconds.
+    CUDA then gets cuBLAS on the cast weight, or at one row, with coordinate-descent tuning, Inductor's fused
+    GEMV; the CPU keeps the rewrite, where the op is a tuned kernel."""
     from torch._inductor.fx_passes import post_grad
 
     post_grad.lazy_init()  # registers the patterns once per process; Inductor's own later call is a no-op
