@@ -171,10 +171,10 @@ def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, 
     """
     clock = clock or StageClock()  # no trial's clock: the stages are counted and dropped
     captured = device == "cuda" and timing == "device" and not graphed_already
-    # The first call compiles a new path: for a path to be captured, the variant the capture replays.
-    with clock.stage("compile"), _seen_as_captured() if captured else contextlib.nullcontext():
-        fn()
-        sync(device)
+    if not captured:  # the first call compiles a new path; a captured path's first call is its capture warm-up
+        with clock.stage("compile"):
+            fn()
+            sync(device)
     with clock.stage("measure"):
         if device != "cuda":
             return _time_host(fn, warmup, repeats, sync=lambda: None, mode="e2e (cpu wall clock)")
@@ -187,11 +187,11 @@ def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, 
         if timing == "device":
             try:
                 with clock.stage("compile"):
-                    graph = _capture(fn, warmup)
+                    graph = _capture(fn)
                     calls = 1 if one_call else calls_per_sample(graph.replay)
                     if calls > 1:
                         del graph
-                        graph = _capture(_repeat(fn, calls), 0)
+                        graph = _capture(_repeat(fn, calls), warmup=0)
             except Exception as err:  # some kernels are not capturable; say so rather than fail
                 stats = _time_host(fn, warmup, repeats, torch.cuda.synchronize, mode="e2e")
                 stats.mode = f"e2e (graph capture failed: {type(err).__name__}: {first_line(err)[:200]})"
@@ -272,13 +272,24 @@ def _time_events(fn, warmup, repeats, flush, calls, mode) -> LatencyStats:
     return summarize([s.elapsed_time(e) / calls for s, e in zip(starts, ends)], mode)
 
 
-def _capture(fn, warmup) -> torch.cuda.CUDAGraph:
-    # Warm up on a side stream first, as torch.cuda.graph requires (lazy init, autotuning), and as if
-    # captured: see _seen_as_captured.
+def _capture(fn, warmup: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of fn() after `warmup` calls on a side stream, as torch.cuda.graph requires (lazy init,
+    compiling, autotuning), run as if captured (see _seen_as_captured). One call is enough for the paths
+    qsweep times, and each more is a whole eager decode loop (a second for an 8B model); where a capture
+    still fails after one, it is tried once more after two further warm-up calls."""
+    try:
+        return _capture_after(fn, warmup)
+    except Exception:
+        if warmup != 1:
+            raise
+        return _capture_after(fn, 2)
+
+
+def _capture_after(fn, warmup: int) -> torch.cuda.CUDAGraph:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), _seen_as_captured():
-        for _ in range(max(warmup, 2)):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()

@@ -64,7 +64,7 @@ METRICS: tuple[Metric, ...] = (
            "autotuning; 0 without torch.compile but for eager first calls and graph capture"),
     Metric("time_measure_s", "s", False, "timed repeats, memory peak and size"),
     Metric("time_eval_s", "s", False, "drift against the baseline and the task metric"),
-    Metric("time_total_s", "s", False, "the trial process from its start to its result"),
+    Metric("time_total_s", "s", False, "the trial from its start (its spec reaching its process) to its result"),
     # per-layer search: predicted by the cost model (per-layer microbenchmarks), not measured end to end
     Metric("predicted_latency_ms", "ms", False,
            "baseline latency_ms minus the per-layer latency saved, from cached single-layer microbenchmarks"),

@@ -6,7 +6,8 @@ The work itself is done by `schemes` (quantize), `accuracy` (drift against the b
 `run_isolated` runs a trial in its own child process with a timeout: torchao and inductor change
 process-global state (inductor flags, matmul precision, compiled caches), so one trial must not
 shape another's numbers, and a crash or OOM must not take the sweep down. Children fork from a
-server that has already imported torch, so each trial starts in about a second. A child that dies
+server that has already imported torch, so each trial starts in about a second; on CUDA the next trial's
+process is started while a trial runs and imports torchao and transformers meanwhile. A child that dies
 without a word (abort, segfault, OOM kill, timeout) still leaves its last stderr lines, which become
 the result's traceback.
 """
@@ -14,7 +15,9 @@ the result's traceback.
 from __future__ import annotations
 
 import ast
+import atexit
 import codecs
+import contextlib
 import copy
 import dataclasses
 import faulthandler
@@ -126,6 +129,7 @@ def _build(spec: TrialSpec) -> ModelBundle:
 def _measure(spec: TrialSpec, clock: measure.StageClock) -> TrialResult:
     dtype = getattr(torch, spec.dtype)
     with clock.stage("build"):
+        _finish_imports_ahead()  # what a spare process has not imported yet counts as build
         bundle = _build(spec)
         model = bundle.model.to(dtype).to(spec.device)
         sync(spec.device)
@@ -412,8 +416,36 @@ STDERR_TAIL_LINES = 100
 STDERR_TAIL_BYTES = 256 * 1024
 
 
-def _child(spec: TrialSpec, conn, stderr_path: str, timeout_s: float, env: dict[str, str] | None = None) -> None:
-    started = time.time()  # the trial process's own start: time_total_s counts from here
+# What a CUDA trial imports before its first step: 8.6 s on an H200 host (transformers imports torchao,
+# which starts CUDA, so the fork server cannot hold them). A spare trial process imports them while the
+# trial before it runs (run_isolated), and the grid's next trial starts with them loaded.
+IMPORTS_AHEAD = ("torchao.quantization", "transformers.modeling_utils", "transformers.models.auto.modeling_auto")
+_imports_ahead: threading.Thread | None = None  # this trial process's import thread, if it is a spare
+_imports_ahead_s = 0.0
+
+
+def _import_ahead() -> None:
+    global _imports_ahead_s
+    import importlib
+
+    begun = time.perf_counter()
+    for name in IMPORTS_AHEAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # not installed, or fails off the main thread: the trial imports it itself
+            pass
+    _imports_ahead_s = time.perf_counter() - begun
+
+
+def _finish_imports_ahead() -> None:
+    if _imports_ahead is not None:
+        _imports_ahead.join()
+
+
+def _worker(conn, stderr_path: str, env: dict[str, str] | None, import_ahead: bool) -> None:
+    """A trial process: it waits for its spec (importing IMPORTS_AHEAD meanwhile if `import_ahead`),
+    runs the trial and sends the result back."""
+    global _imports_ahead
     # Before anything touches CUDA: CUDA_VISIBLE_DEVICES pins the trial to its GPU (qsweep.gpus). The
     # fork server's environment is the one it started with, so the parent's later changes never get here.
     os.environ.update(env or {})
@@ -423,6 +455,14 @@ def _child(spec: TrialSpec, conn, stderr_path: str, timeout_s: float, env: dict[
     sys.stderr.flush()
     os.dup2(fd, 2)
     os.close(fd)
+    if import_ahead:
+        _imports_ahead = threading.Thread(target=_import_ahead, daemon=True)
+        _imports_ahead.start()
+    try:
+        spec, timeout_s = conn.recv()
+    except EOFError:  # a spare the sweep ended without using
+        return
+    started = time.time()  # the trial's start, when its spec arrives: time_total_s counts from here
     faulthandler.enable(all_threads=True)  # SIGSEGV/SIGABRT/SIGBUS/SIGFPE/SIGILL: the Python stack
     # Where it hung, written just before the parent's timeout kills it with SIGKILL (no handler runs).
     faulthandler.dump_traceback_later(max(timeout_s - 2.0, 0.9 * timeout_s), exit=False)
@@ -433,8 +473,65 @@ def _child(spec: TrialSpec, conn, stderr_path: str, timeout_s: float, env: dict[
     result = run_trial(dataclasses.replace(spec, started=started))
     compile_report.cancel()
     faulthandler.cancel_dump_traceback_later()
+    if import_ahead:
+        result.info["imports_ahead_s"] = round(_imports_ahead_s, 2)
     conn.send(result)
     conn.close()
+
+
+@dataclass
+class _Process:
+    proc: Any
+    conn: Any  # duplex: the spec goes in, the result comes out
+    stderr_path: str
+
+
+def _start_process(env: dict[str, str] | None, import_ahead: bool) -> _Process:
+    ctx = _context()
+    here, there = ctx.Pipe()
+    fd, stderr_path = tempfile.mkstemp(prefix="qsweep-trial-", suffix=".stderr")
+    os.close(fd)
+    proc = ctx.Process(target=_worker, args=(there, stderr_path, env, import_ahead), daemon=True)
+    proc.start()
+    there.close()
+    return _Process(proc, here, stderr_path)
+
+
+# One spare trial process per GPU environment, started when a trial starts, for the next trial there.
+_SPARES: dict[tuple, _Process] = {}
+_SPARES_LOCK = threading.Lock()
+
+
+def _trial_process(env: dict[str, str] | None, spare: bool) -> _Process:
+    """A process for the next trial: the spare started for this environment (its imports done or under
+    way), else a new one; with `spare`, a new spare is started for the trial after this one."""
+    key = tuple(sorted((env or {}).items()))
+    with _SPARES_LOCK:
+        ready = _SPARES.pop(key, None)
+        if ready is not None and not ready.proc.is_alive():
+            _close(ready)
+            ready = None
+        if spare:
+            _SPARES[key] = _start_process(env, import_ahead=True)
+    return ready or _start_process(env, import_ahead=spare)
+
+
+def _close(process: _Process) -> None:
+    process.conn.close()  # an idle worker's recv() ends: it exits
+    process.proc.join(5)
+    if process.proc.is_alive():
+        process.proc.kill()
+        process.proc.join()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(process.stderr_path)
+
+
+@atexit.register
+def close_spares() -> None:
+    """End the spare trial processes (the sweep is over)."""
+    with _SPARES_LOCK:
+        while _SPARES:
+            _close(_SPARES.popitem()[1])
 
 
 def _report_compile_progress() -> None:
@@ -491,37 +588,37 @@ def death_reason(exitcode: int | None) -> str:
     return f"trial process exited with exit code {exitcode} before sending a result"
 
 
-def run_isolated(spec: TrialSpec, timeout_s: float, env: dict[str, str] | None = None) -> TrialResult:
+def run_isolated(spec: TrialSpec, timeout_s: float, env: dict[str, str] | None = None,
+                 spare: bool | None = None) -> TrialResult:
     """Run a trial in a fresh child process; a timeout, crash or OOM kill becomes a failed result whose
     reason names the signal or exit code and whose traceback is the child's last stderr lines. `env` is
-    set in the child before it starts (e.g. CUDA_VISIBLE_DEVICES)."""
-    ctx = _context()
-    receive, send = ctx.Pipe(duplex=False)
-    fd, stderr_path = tempfile.mkstemp(prefix="qsweep-trial-", suffix=".stderr")
-    os.close(fd)
+    set in the child before it starts (e.g. CUDA_VISIBLE_DEVICES). `spare` (default: on CUDA) starts the
+    next trial's process now, to import IMPORTS_AHEAD on a spare CPU core while this trial runs; not on
+    a CPU, where that import would share the cores this trial is timed on."""
+    process = _trial_process(env, spec.device == "cuda" if spare is None else spare)
     fd, progress_path = tempfile.mkstemp(prefix="qsweep-trial-", suffix=".stages.json")
     os.close(fd)
     spec = dataclasses.replace(spec, progress_path=progress_path)
-    relay = _StderrRelay(stderr_path)
-    proc = ctx.Process(target=_child, args=(spec, send, stderr_path, timeout_s, env), daemon=True)
+    relay = _StderrRelay(process.stderr_path)
+    proc, conn = process.proc, process.conn
     result, timed_out = None, False
-    proc.start()
-    send.close()
     relay.start()
     try:
-        if receive.poll(timeout_s):
-            result = receive.recv()
+        conn.send((spec, timeout_s))
+        if conn.poll(timeout_s):
+            result = conn.recv()
             proc.join(30)
         else:
             timed_out = True
-    except EOFError:
+    except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the child died before sending a result
     finally:
         if proc.is_alive():
             proc.kill()
         proc.join()
+        conn.close()
         tail = relay.finish()
-        os.unlink(stderr_path)
+        os.unlink(process.stderr_path)
         stage, times = measure.unfinished_stages(progress_path)
         os.unlink(progress_path)
     if result is not None:
