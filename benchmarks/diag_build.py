@@ -49,8 +49,8 @@ def main(out: str) -> None:
     lines = ["## fresh interpreter", fresh.stdout, fresh.stderr[-3000:] if fresh.returncode else ""]
 
     from qsweep.config import load_config
-    from qsweep.sweep import Point
     from qsweep.runner import run_trial
+    from qsweep.sweep import Point
 
     root, _ = load_config(["+sweep=llama8b", "+point=llama8b-none", "compile=none", "bench.batch_size=1"])
     point = Point(root)
