@@ -39,19 +39,21 @@ for stage in ${*:-timer grid}; do
             echo "--- $variant took $(( $(date +%s) - begun )) s"
           done ;;
     repro) timeout "${STAGE_S:-120}" python3 benchmarks/repro_int4_compile.py "$out" 2>/dev/null ;;
-    start) date +%s > "$work/grid.started"
+    start) date +%s > "$work/grid.started"; rm -f "$work/grid.ended"
            setsid nohup bash -c "$(declare -f run); run +sweep=llama8b ${GRID_ARGS:-}; date +%s > $work/grid.ended" \
              > "$work/grid.log" 2>&1 < /dev/null & ;;
     wait)  until [ -e "$work/grid.ended" ] || (( $(date +%s) - start >= ${STAGE_S:-560} )); do sleep 5; done
            grep -a "^\[[0-9]*/[0-9]*\]\|^[0-9]* points:\|^time by stage" "$work/grid.log" | tail -n 40
            [ -e "$work/grid.ended" ] && echo "grid wall time: $(( $(cat $work/grid.ended) - $(cat $work/grid.started) )) s"
-           cp "$work/grid.log" "$out/grid.log" ;;
+           cp "$work/grid.log" "$out/grid_$(cat "$work/grid.started").log" ;;
     *) echo "unknown stage '$stage'"; exit 2 ;;
   esac
   echo "=== $stage took $(( $(date +%s) - start )) s"
 done
 python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
   "$work/mlflow.db" "$out/llm_mlflow.db" 2>/dev/null  # a consistent copy while a detached grid writes
-cat "$work"/runs/*/stage_times.jsonl > "$out/stage_times.jsonl" 2>/dev/null
+for times in "$work"/runs/*/stage_times.jsonl; do  # one file per sweep: a warm rerun is a sweep of its own
+  [ -e "$times" ] && cp "$times" "$out/stage_times_$(basename "$(dirname "$times")").jsonl"
+done
 du -sh "$work/cache" 2>/dev/null
 echo "=== done $(date -u +%FT%TZ)"

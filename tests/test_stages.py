@@ -22,13 +22,20 @@ from qsweep.runner import (
 )
 
 
-def test_measure_parts_leave_out_what_nests_inside_them():
+def test_parts_count_each_stage_once_and_leave_inner_parts_out():
     clock = StageClock()
-    with clock.stage("measure"), clock.part("forward"):
+    with clock.stage("measure"), clock.part("prefill"):
         time.sleep(0.05)
         with clock.stage("compile"):
             time.sleep(0.1)
-    assert 0.05 <= clock.parts["forward"] < 0.09, clock.parts
+        with clock.part("decode"):
+            time.sleep(0.05)
+    parts = clock.parts
+    assert set(parts) == {"measure_prefill", "compile_prefill", "measure_decode"}, parts
+    assert 0.05 <= parts["measure_prefill"] < 0.09 and 0.05 <= parts["measure_decode"] < 0.09, parts
+    assert 0.1 <= parts["compile_prefill"] < 0.14, parts
+    m = clock.metrics()
+    assert abs(sum(parts.values()) - m["time_measure_s"] - m["time_compile_s"]) < 1e-3
 
 
 def test_nested_stages_never_count_twice():
@@ -60,10 +67,12 @@ def test_stage_times_sum_to_the_trial_and_a_warm_rerun_compiles_less(compose, tm
     assert accounted >= 0.95 * cold.metrics["time_total_s"], cold.metrics
     assert cold.metrics["time_compile_s"] > 0 and cold.metrics["time_build_s"] > 0
     assert cold.metrics["time_quantize_s"] < 0.5  # a baseline quantizes nothing
-    parts = cold.info["measure_parts"]  # where measure went, each timed path on its own
-    assert set(parts) == {"sizes", "forward", "prefill_decode"}, parts
-    measured = cold.metrics["time_measure_s"]  # the parts account for it (a few ms of rounding aside)
-    assert abs(sum(parts.values()) - measured) <= 0.05 * measured + 0.005, (parts, measured)
+    parts = cold.info["stage_parts"]  # where measure and compile went, each timed path on its own
+    assert {f"measure_{p}" for p in ("sizes", "forward", "prefill", "decode")} <= set(parts), parts
+    assert {f"compile_{p}" for p in ("forward", "prefill", "decode")} <= set(parts), parts
+    for stage in ("measure", "compile"):  # the parts account for it (a few ms of rounding aside)
+        spent, in_parts = cold.metrics[f"time_{stage}_s"], sum(v for k, v in parts.items() if k.startswith(stage))
+        assert abs(in_parts - spent) <= 0.05 * spent + 0.005, (stage, parts, spent)
 
     warm = run_isolated(trial, timeout_s=600, spare=True)  # a fresh process: only the on-disk cache is shared
     assert warm.status == "ok", warm.reason
@@ -230,13 +239,15 @@ def test_the_sweep_summary_says_where_compile_time_went(tmp_path):
 
     row = {"run": "p", "status": "ok", "time_build_s": 10.0, "time_quantize_s": 1.0, "time_compile_s": 100.0,
            "time_measure_s": 20.0, "time_eval_s": 2.0, "time_total_s": 135.0, "compile_frames": 96,
-           "compile_dynamo_trace_s": 20.0, "compile_backend_s": 50.0, "compile_inductor_s": 10.0}
-    eager = {k: v for k, v in row.items() if not k.startswith("compile_")} | {"time_compile_s": 5.0}
+           "compile_dynamo_trace_s": 20.0, "compile_backend_s": 50.0, "compile_inductor_s": 10.0,
+           "compile_forward_s": 30.0, "compile_decode_s": 70.0}
+    eager = ({k: v for k, v in row.items() if not k.startswith("compile_")}
+             | {"time_compile_s": 5.0, "compile_forward_s": 1.0, "compile_decode_s": 4.0})
     (tmp_path / STAGE_TIMES_FILE).write_text(f"{json.dumps(row)}\n{json.dumps(eager)}\n")
     line = describe_stage_times(tmp_path)
     assert line.startswith("time by stage over 2 trials: build 20 s (7%) · quantize 2 s (1%) · compile 105 s (39%)")
     assert ("; compile: 96 graphs, Dynamo 20 s, backend 50 s (Inductor 10 s), "
-            "the rest (first runs, autotuning, capture) 35 s") in line
+            "the rest (first runs, autotuning, capture) 35 s; compile by path: decode 74 s, forward 31 s") in line
 
 
 def _woq_int8_rewrites():

@@ -7,6 +7,7 @@ Imported lazily by `models.hf_causal_lm`, so sweeps over small models never pay 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import pickle
@@ -20,7 +21,9 @@ from torch import nn
 from qsweep.config import ConfigError
 from qsweep.measure import LatencyStats
 
-Timer = Callable[[Callable[[], Any]], LatencyStats]  # times one callable with the trial's bench settings
+# timer(fn, path, warm_up=None): fn timed with the trial's bench settings, its seconds counted under `path`
+# (see measure.StageClock.part); warm_up: see measure.time_call
+Timer = Callable[..., LatencyStats]
 
 BUILTIN_TEXT = "builtin"
 BYTES = "bytes"
@@ -189,22 +192,24 @@ def speed(model: nn.Module, ids: torch.Tensor, decode_tokens: int, timer: Timer,
             with torch.compiler.set_stance("force_eager"):
                 _prefill(model, ids, cache)
             # the timer's first call compiles the prefill path
-            prefill_stats = timer(lambda: _prefill(model, ids, cache))
+            prefill_stats = timer(lambda: _prefill(model, ids, cache), "prefill")
         except Exception:  # an architecture without static-cache support
             return speed(model, ids, decode_tokens, timer, info, static_cache=False)
         first = _prefill(model, ids, cache).argmax(-1)  # [batch, 1]: decode starts from a real token
 
-        def decode() -> torch.Tensor:
+        def decode(steps: int = decode_tokens) -> torch.Tensor:
             rewind(cache, prompt_len)
-            return greedy_decode(model, cache, first, decode_tokens)
+            return greedy_decode(model, cache, first, steps)
     else:
         prefilled, first = _dynamic_prefill(model, ids)
-        prefill_stats = timer(lambda: _dynamic_prefill(model, ids))
+        prefill_stats = timer(lambda: _dynamic_prefill(model, ids), "prefill")
 
-        def decode() -> torch.Tensor:
-            return greedy_decode(model, copy.deepcopy(prefilled), first, decode_tokens)
+        def decode(steps: int = decode_tokens) -> torch.Tensor:
+            return greedy_decode(model, copy.deepcopy(prefilled), first, steps)
 
-    decode_stats = timer(decode)
+    # Every step runs the same kernels on the same shapes (a static cache's are fixed): one step warms
+    # up the whole loop's capture.
+    decode_stats = timer(decode, "decode", warm_up=functools.partial(decode, 1))
     info.update(kv_cache="StaticCache" if static_cache else "DynamicCache (copied per repeat)",
                 prefill_timing_mode=prefill_stats.mode, decode_timing_mode=decode_stats.mode)
     return {"prefill_tok_s": batch * prompt_len / (prefill_stats.median_ms / 1e3),

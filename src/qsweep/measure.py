@@ -61,7 +61,8 @@ class StageClock:
         self.started = time.time() if started is None else started
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self._stack: list[list] = []  # [stage, start of its current slice]
-        self.parts: dict[str, float] = {}  # measure seconds by what was measured (see part)
+        self.parts: dict[str, float] = {}  # "<stage>_<part>": seconds by timed path (see part)
+        self._open_parts: list[dict[str, float]] = []
         # Written at every stage change, so a trial killed by a timeout or a crash still says where it was.
         self.progress_path = progress_path
 
@@ -85,13 +86,22 @@ class StageClock:
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:
-        """Count the measure seconds spent inside under `name` (sizes, forward, prefill_decode): where the
-        measure stage went. Stages nested inside (a first call's compile) are not counted."""
-        before = self._so_far("measure")
+        """Count the seconds each stage spends inside under `<stage>_<name>` (compile_decode, measure_forward):
+        which timed path (sizes, forward, prefill, decode) a stage's time went to. Parts nest as stages
+        do: an inner part's seconds are not counted again in the outer one."""
+        before = {stage: self._so_far(stage) for stage in STAGES}
+        self._open_parts.append(inner := dict.fromkeys(STAGES, 0.0))  # seconds of the parts inside this one
         try:
             yield
         finally:
-            self.parts[name] = self.parts.get(name, 0.0) + self._so_far("measure") - before
+            self._open_parts.pop()
+            for stage, seconds in before.items():
+                spent = self._so_far(stage) - seconds
+                if self._open_parts:
+                    self._open_parts[-1][stage] += spent
+                if spent - inner[stage] > 0:
+                    key = f"{stage}_{name}"
+                    self.parts[key] = self.parts.get(key, 0.0) + spent - inner[stage]
 
     def _so_far(self, stage: str) -> float:
         running = self._stack[-1] if self._stack and self._stack[-1][0] == stage else None
@@ -154,7 +164,7 @@ def sync(device: str) -> None:
 
 def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, timing: str,
               l2_flush: bool = False, graphed_already: bool = False, clock: StageClock | None = None,
-              weights_bytes: int | None = None) -> LatencyStats:
+              weights_bytes: int | None = None, warm_up: Callable[[], Any] | None = None) -> LatencyStats:
     """Median latency of `fn()` in ms.
 
     Args:
@@ -168,6 +178,8 @@ def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, 
         weights_bytes: the model's weights. Device timing puts several calls in one sample (see
             calls_per_sample); with l2_flush and weights that fit in L2, the calls after the first
             would read them warm, so such a sample holds one call.
+        warm_up: a shorter call that runs every kernel and graph fn runs (one step of a decode loop whose
+            steps are alike), warming up a capture in place of a whole call of fn.
     """
     clock = clock or StageClock()  # no trial's clock: the stages are counted and dropped
     captured = device == "cuda" and timing == "device" and not graphed_already
@@ -187,11 +199,11 @@ def time_call(fn: Callable[[], Any], *, device: str, warmup: int, repeats: int, 
         if timing == "device":
             try:
                 with clock.stage("compile"):
-                    graph = _capture(fn)
+                    graph = _capture(fn, warm_up)
                     calls = 1 if one_call else calls_per_sample(graph.replay)
                     if calls > 1:
                         del graph
-                        graph = _capture(_repeat(fn, calls), warmup=0)
+                        graph = _capture(_repeat(fn, calls), warmed=True)
             except Exception as err:  # some kernels are not capturable; say so rather than fail
                 stats = _time_host(fn, warmup, repeats, torch.cuda.synchronize, mode="e2e")
                 stats.mode = f"e2e (graph capture failed: {type(err).__name__}: {first_line(err)[:200]})"
@@ -272,25 +284,26 @@ def _time_events(fn, warmup, repeats, flush, calls, mode) -> LatencyStats:
     return summarize([s.elapsed_time(e) / calls for s, e in zip(starts, ends)], mode)
 
 
-def _capture(fn, warmup: int = 1) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of fn() after `warmup` calls on a side stream, as torch.cuda.graph requires (lazy init,
-    compiling, autotuning), run as if captured (see _seen_as_captured). One call is enough for the paths
-    qsweep times, and each more is a whole eager decode loop (a second for an 8B model); where a capture
-    still fails after one, it is tried once more after two further warm-up calls."""
+def _capture(fn, warm_up: Callable[[], Any] | None = None, warmed: bool = False) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of fn() after one warm-up call on a side stream, as torch.cuda.graph requires (lazy init,
+    compiling, autotuning), run as if captured (see _seen_as_captured). The warm-up is `warm_up()` where
+    given (a decode step instead of the whole loop: an eager 8B loop is a second or more), else fn(); none
+    if `warmed` (fn's parts were captured just before). Where a capture fails after it, it is tried once
+    more after two calls of fn."""
     try:
-        return _capture_after(fn, warmup)
+        return _capture_after(fn, [] if warmed else [warm_up or fn])
     except Exception:
-        if warmup != 1:
+        if warmed:
             raise
-        return _capture_after(fn, 2)
+        return _capture_after(fn, [fn, fn])
 
 
-def _capture_after(fn, warmup: int) -> torch.cuda.CUDAGraph:
+def _capture_after(fn, warm_ups: list[Callable[[], Any]]) -> torch.cuda.CUDAGraph:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), _seen_as_captured():
-        for _ in range(warmup):
-            fn()
+        for call in warm_ups:
+            call()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -30,7 +30,7 @@ class ModelBundle:
     # LMs keep logits at a few positions only (full logits are samples x seq x vocab floats).
     drift_outputs: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor] | None = None
     # Extra speed metrics: (model, inputs, timer, info) -> {"prefill_tok_s": ..., "decode_tok_s": ...};
-    # timer(fn) times fn with the trial's bench settings (measure.time_call).
+    # timer(fn, path, warm_up=None) times fn with the trial's bench settings (lm.Timer).
     extra_speed: Callable[[nn.Module, tuple[torch.Tensor, ...], Callable, dict[str, Any]],
                           dict[str, float]] | None = None
     # Inputs of the timed forward, (batch_size, seed) -> CPU inputs; None: make_inputs. LMs time a

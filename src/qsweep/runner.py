@@ -157,7 +157,7 @@ def _measure(spec: TrialSpec, clock: measure.StageClock) -> TrialResult:
         gc.collect()
         if spec.device == "cuda":
             torch.cuda.empty_cache()
-    with clock.stage("measure"), clock.part("sizes"):
+    with clock.part("sizes"), clock.stage("measure"):
         metrics["weights_mem_bytes"] = (torch.cuda.memory_allocated() if spec.device == "cuda"
                                         else measure.tensor_bytes(model.state_dict()))
         metrics["size_bytes"] = measure.model_size_bytes(model)
@@ -201,11 +201,11 @@ def compile_model(model: nn.Module, mode: str | None, cache_dir: str | None, sco
     scope="blocks" compiles one forward shared by every repeated block (see repeated_blocks) and leaves
     the rest eager: Dynamo traces and Inductor lowers and autotunes one block per input shape, where a
     whole-model graph lowers every layer again (an 8B Llama: 32 times)."""
+    if cache_dir:  # read when Inductor or Triton compiles (an eager model's torchao kernels too): in time here
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
     if not mode:
         return model
     keep_cuda_int8_weights_off_int8pack_mm()
-    if cache_dir:  # read by inductor when it compiles, so setting it here is in time
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
     if scope == "model":
         return torch.compile(model, mode=mode, dynamic=False)
     blocks = repeated_blocks(model)
@@ -351,26 +351,29 @@ def _timed_paths(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, 
     graphed = spec.compile_mode in GRAPHED_MODES
     weights = measure.tensor_bytes(model.state_dict())
 
-    def timer(fn, timing: str = spec.timing) -> measure.LatencyStats:
-        return measure.time_call(fn, device=spec.device, warmup=spec.warmup, repeats=spec.repeats, timing=timing,
-                                 l2_flush=spec.l2_flush, graphed_already=graphed, clock=clock, weights_bytes=weights)
+    def timer(fn, path: str, warm_up=None, timing: str = spec.timing) -> measure.LatencyStats:
+        with clock.part(path):
+            return measure.time_call(fn, device=spec.device, warmup=spec.warmup, repeats=spec.repeats,
+                                     timing=timing, l2_flush=spec.l2_flush, graphed_already=graphed, clock=clock,
+                                     weights_bytes=weights, warm_up=warm_up)
 
-    with clock.stage("compile"):
-        call()  # the first call compiles (and autotunes); keep it out of the memory peak and latency
-        sync(spec.device)
-    with clock.stage("measure"), clock.part("forward"):
-        with measure.PeakMemory(spec.device) as peak:
-            call()
-        stats = timer(call)
-        info.update(timing_mode=stats.mode, peak_mem_kind=peak.kind)
-        if spec.device == "cuda" and spec.timing == "device":
-            # The same calls as a user makes them, launch overhead included: the gap to latency_ms is
-            # the CPU-side cost that CUDA graphs (or reduce-overhead) would remove.
-            e2e = timer(call, timing="e2e")
-            info["latency_e2e_samples_ms"] = e2e.samples_ms
-            e2e_ms = e2e.median_ms
-        else:
-            e2e_ms = stats.median_ms
+    with clock.part("forward"):
+        with clock.stage("compile"):
+            call()  # the first call compiles (and autotunes); keep it out of the memory peak and latency
+            sync(spec.device)
+        with clock.stage("measure"):
+            with measure.PeakMemory(spec.device) as peak:
+                call()
+            stats = timer(call, "forward")
+            info.update(timing_mode=stats.mode, peak_mem_kind=peak.kind)
+            if spec.device == "cuda" and spec.timing == "device":
+                # The same calls as a user makes them, launch overhead included: the gap to latency_ms is
+                # the CPU-side cost that CUDA graphs (or reduce-overhead) would remove.
+                e2e = timer(call, "forward", timing="e2e")
+                info["latency_e2e_samples_ms"] = e2e.samples_ms
+                e2e_ms = e2e.median_ms
+            else:
+                e2e_ms = stats.median_ms
     info["latency_samples_ms"] = stats.samples_ms
     metrics = {
         "latency_ms": stats.median_ms, "latency_ms_p10": stats.p10_ms, "latency_ms_p90": stats.p90_ms,
@@ -384,9 +387,10 @@ def _timed_paths(spec: TrialSpec, bundle: ModelBundle, model: nn.Module, dtype, 
 
         prompt = tuple(inputs) if bundle.speed_inputs is None else tuple(  # the timed inputs are the prompt
             to_device(t, spec.device, dtype) for t in bundle.make_inputs(spec.batch_size, spec.seed))
-        with clock.stage("measure"), clock.part("prefill_decode"):
+        # What an LM's speed does outside its timed paths (allocating the KV cache, the first token) is prefill.
+        with clock.stage("measure"), clock.part("prefill"):
             metrics.update(bundle.extra_speed(runnable, prompt, timer, info))
-    info["measure_parts"] = {name: round(seconds, 4) for name, seconds in clock.parts.items()}
+    info["stage_parts"] = {name: round(seconds, 4) for name, seconds in clock.parts.items()}
     if spec.compile_mode:
         info["compile_cache"] = compile_cache_counts()
         info["compile_phases"] = compile_phases()
