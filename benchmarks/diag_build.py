@@ -59,7 +59,7 @@ def main(out: str) -> None:
     result = profile.runcall(run_trial, spec)
     lines += ["## one eager trial under cProfile", f"status {result.status} {result.reason}",
               *(f"{k} {v:.2f}" for k, v in result.metrics.items() if k.startswith("time_")),
-              f"measure parts {result.info.get('measure_parts')}"]
+              f"stage parts {result.info.get('stage_parts')}"]
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(70)
     lines.append(text.getvalue())
