@@ -421,9 +421,11 @@ STDERR_TAIL_BYTES = 256 * 1024
 
 
 # What a CUDA trial imports before its first step: 8.6 s on an H200 host (transformers imports torchao,
-# which starts CUDA, so the fork server cannot hold them). A spare trial process imports them while the
+# which starts CUDA, so the fork server cannot hold them), and before it compiles: Inductor and Triton, 2-3 s
+# of every compiled trial's compile stage, cold or warm. A spare trial process imports them while the
 # trial before it runs (run_isolated), and the grid's next trial starts with them loaded.
-IMPORTS_AHEAD = ("torchao.quantization", "transformers.modeling_utils", "transformers.models.auto.modeling_auto")
+IMPORTS_AHEAD = ("torchao.quantization", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+                 "torch._inductor.compile_fx", "torch._inductor.codegen.triton", "triton")
 _imports_ahead: threading.Thread | None = None  # this trial process's import thread, if it is a spare
 _imports_ahead_s = 0.0
 
@@ -438,6 +440,10 @@ def _import_ahead() -> None:
             importlib.import_module(name)
         except Exception:  # not installed, or fails off the main thread: the trial imports it itself
             pass
+    try:
+        keep_cuda_int8_weights_off_int8pack_mm()  # Inductor's pattern registration: the first compile's too
+    except Exception:  # the trial's compile does it (and says why it fails) itself
+        pass
     _imports_ahead_s = time.perf_counter() - begun
 
 
