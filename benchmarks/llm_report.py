@@ -82,7 +82,7 @@ def main() -> None:
         lines += ["## Where each trial's time went (s)", "", times.to_markdown(index=False, floatfmt=".3g"), "",
                   "Totals over these trials: " + ", ".join(f"{c[5:-2]} {ok[c].sum():.0f} s" for c in STAGE_COLUMNS
                                                            if c in ok), ""]
-    other = frame[frame.status != "ok"]
+    other = frame[frame.status != "ok"].sort_values("start_time", ascending=False).drop_duplicates(["run", "batch_size"])
     if len(other):
         lines += ["## Not measured (recorded with the reason)", "",
                   other[["run", "batch_size", "status", "reason"]].to_markdown(index=False), ""]
