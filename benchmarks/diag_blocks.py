@@ -57,8 +57,9 @@ def step(name, fn):
     return result
 
 
-def timer(fn):
-    return step("  timed", lambda: measure.time_call(fn, device="cuda", warmup=2, repeats=3, timing="device"))
+def timer(fn, path="forward", warm_up=None):
+    return step(f"  timed {path}", lambda: measure.time_call(fn, device="cuda", warmup=2, repeats=3, timing="device",
+                                                             warm_up=warm_up))
 
 
 with torch.inference_mode():

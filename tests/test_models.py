@@ -130,8 +130,8 @@ def test_static_cache_decode_matches_a_full_forward_and_speed_is_measured(compos
     lm.rewind(cache, 0)  # a timed repeat rewinds from outside inference_mode
     assert all(layer.cumulative_length.item() == 0 for layer in cache.layers)
 
-    def timer(fn):
-        return measure.time_call(fn, device="cpu", warmup=1, repeats=3, timing="e2e")
+    def timer(fn, path, warm_up=None):
+        return measure.time_call(fn, device="cpu", warmup=1, repeats=3, timing="e2e", warm_up=warm_up)
 
     for static in (True, False):
         info: dict = {}
