@@ -520,8 +520,8 @@ def stage_totals(directory: Path) -> dict[str, float]:
     totals = {stage: sum(r.get(f"time_{stage}_s", 0.0) for r in rows) for stage in STAGES}
     totals.update(trials=len(rows), total=sum(r.get("time_total_s", 0.0) for r in rows))
     totals.update({key: sum(r.get(key, 0) for r in rows) for key in COMPILE_KEYS})
-    by_path = {key for r in rows for key in r if key.startswith("compile_") and key.endswith("_s")} - set(COMPILE_KEYS)
-    totals.update({key: sum(r.get(key, 0.0) for r in rows) for key in sorted(by_path)})
+    by_path = sorted(compile_path_keys({key for r in rows for key in r}))
+    totals.update({key: sum(r.get(key, 0.0) for r in rows) for key in by_path})
     plan = directory / PLAN_FILE
     if plan.exists() and "started_ms" in (started := json.loads(plan.read_text())):
         totals["wall"] = time.time() - started["started_ms"] / 1000
@@ -541,12 +541,16 @@ def describe_stage_times(directory: Path) -> str:
             + f"; trials {totals['total']:.0f} s{wall}{describe_compile(totals)} ({directory / STAGE_TIMES_FILE})")
 
 
+def compile_path_keys(keys) -> list[str]:
+    """The `compile_<path>_s` keys among `keys` (compile seconds of a timed path: StageClock.part), in order."""
+    return [key for key in keys if key.startswith("compile_") and key.endswith("_s") and key not in COMPILE_KEYS]
+
+
 def describe_compile(totals: dict[str, float]) -> str:
     """`; compile: 15 graphs, Dynamo 4 s, backend 23 s (Inductor 14 s), the rest (first runs, autotuning,
     capture) 116 s; compile by path: decode 90 s, forward 20 s, prefill 33 s` (paths: the timed calls whose
     first runs and CUDA-graph captures compile counts; an eager trial's too)."""
-    paths = {key.removeprefix("compile_").removesuffix("_s"): v for key, v in totals.items()
-             if key.startswith("compile_") and key.endswith("_s") and key not in COMPILE_KEYS}
+    paths = {key.removeprefix("compile_").removesuffix("_s"): totals[key] for key in compile_path_keys(totals)}
     by_path = "; compile by path: " + ", ".join(f"{p} {v:.0f} s" for p, v in paths.items()) if paths else ""
     if not totals.get("compile_frames"):
         return by_path
